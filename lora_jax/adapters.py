@@ -37,6 +37,7 @@ class Adapter:
     stack: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     inputs: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     outputs: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:

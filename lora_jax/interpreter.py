@@ -1,0 +1,268 @@
+"""Evaluate a jaxpr with targeted weights carried as `Tracked` (W plus its factors A, B).
+
+Ordinary equations are re-bound as they are. An equation that touches a `Tracked` value goes to a
+rule (`lora_jax.rules`): views (transpose, dtype casts, sharding constraints) move W and the
+factors together; consumers (dot_general, conv, gather) add the factored low-rank branch;
+higher-order primitives (jit, scan, while, cond, remat, custom_jvp/vjp) are evaluated again with
+this interpreter inside, so stacked adapters are sliced by the same scan that slices the weights.
+
+The same interpreter runs in discovery mode (`Context.uses` is a list, A and B are None): then
+consumers only record how each weight is contracted, which is how `init` picks adapter shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+
+from lora_jax.errors import LoraError
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """W's axes grouped as in `Adapter` (stack, inputs, outputs), all in W's original numbering."""
+
+    stack: tuple[int, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tracked:
+    """A view of a targeted weight: W as seen here, and the matching views of A and B.
+
+    w_axes[i] is the original W axis that view axis i of `w` is; `sliced` lists original axes a
+    scan has already sliced away (A and B lose them too, so a's axes are the remaining stack axes,
+    then inputs, then r).
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    path: str = dataclasses.field(metadata=dict(static=True))
+    w_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    sliced: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    layout: Layout | None = dataclasses.field(metadata=dict(static=True))
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def stack_left(self) -> tuple[int, ...]:
+        return tuple(s for s in self.layout.stack if s not in self.sliced)
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """How discovery saw a weight used: the original axes contracted, batched and left free."""
+
+    path: str
+    prim: str
+    kind: str  # "dot" | "conv" | "gather" | "other"
+    contract: frozenset = frozenset()
+    batch: frozenset = frozenset()
+    free: frozenset = frozenset()
+    sliced: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class Context:
+    """Per-call settings; `uses` is a list in discovery mode and None when applying."""
+
+    allow_materialize: bool = False
+    rng: jax.Array | None = None  # set only when dropout is active
+    uses: list[Use] | None = None
+    sites: int = 0
+
+    @property
+    def discovering(self) -> bool:
+        return self.uses is not None
+
+    def next_key(self) -> jax.Array | None:
+        if self.rng is None:
+            return None
+        self.sites += 1
+        return jax.random.fold_in(self.rng, self.sites)
+
+    def child(self, rng: jax.Array | None = None) -> Context:
+        return dataclasses.replace(self, rng=self.rng if rng is None else rng, sites=0)
+
+
+def is_tracked(x: Any) -> bool:
+    return isinstance(x, Tracked)
+
+
+def eval_jaxpr(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context):
+    """Evaluate `jaxpr` where some inputs may be `Tracked`; returns the list of outputs."""
+    from lora_jax import rules
+
+    env: dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        with eqn.ctx.manager:
+            if any(is_tracked(x) for x in invals):
+                outs = rules.apply_rule(eqn, invals, ctx)
+            else:
+                outs = bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, jex.core.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """Re-bind an equation as written (what jax's own evaluator does)."""
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def eval_closed(closed: jex.core.ClosedJaxpr, args: Sequence[Any], ctx: Context):
+    return eval_jaxpr(closed.jaxpr, closed.consts, args, ctx)
+
+
+def no_tracked_out(outs: Sequence[Any], prim: str) -> None:
+    for x in outs:
+        if is_tracked(x):
+            raise LoraError(
+                f"weight '{x.path}' leaves '{prim}' as a loop carry or result; LoRA can factor "
+                "weights that are consumed inside a loop, not ones carried through it"
+            )
+
+
+# ---------------------------------------------------------------- higher-order primitives
+
+
+def inline_rule(jaxpr_param: str) -> Callable:
+    """jit / custom_jvp / custom_vjp with a targeted weight inside: evaluate the body inline.
+
+    Inlining drops a custom derivative rule; the derivative then comes from the body itself,
+    which is what differentiating the factored form needs.
+    """
+
+    def rule(eqn, invals, ctx):
+        closed = eqn.params[jaxpr_param]
+        consts = closed.consts if hasattr(closed, "consts") else ()
+        jaxpr = closed.jaxpr if hasattr(closed, "consts") else closed
+        return eval_jaxpr(jaxpr, consts, invals, ctx)
+
+    return rule
+
+
+def remat_rule(eqn, invals, ctx):
+    jaxpr = eqn.params["jaxpr"]
+
+    def body(*args):
+        return eval_jaxpr(jaxpr, (), args, ctx)
+
+    fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    outs = fn(*invals)
+    no_tracked_out(outs, eqn.primitive.name)
+    return outs
+
+
+def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], Tracked]]:
+    """Arrays to hand a scan as xs for `t`, and how to rebuild the per-step view inside the body."""
+    orig = t.w_axes[0]
+    sliced = t.sliced + (orig,)
+    rest = dataclasses.replace(t, w=None, a=None, b=None, w_axes=t.w_axes[1:], sliced=sliced)
+    if ctx.discovering:
+        return (t.w,), lambda xs: dataclasses.replace(rest, w=xs[0])
+    if orig not in t.stack_left:
+        raise LoraError(
+            f"weight '{t.path}' is sliced by a scan along axis {orig}, but its adapter is not "
+            "stacked on that axis; re-create the adapter with lora_jax.init on this function"
+        )
+    i = t.stack_left.index(orig)
+    a, b = jnp.moveaxis(t.a, i, 0), jnp.moveaxis(t.b, i, 0)
+    return (t.w, a, b), lambda xs: dataclasses.replace(rest, w=xs[0], a=xs[1], b=xs[2])
+
+
+def scan_rule(eqn, invals, ctx):
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, carry, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+    no_tracked_out(carry, "scan")
+    xs_arrays, rebuilds = [], []
+    for x in xs:
+        if is_tracked(x):
+            arrays, rebuild = _slice_leading(x, ctx)
+        else:
+            arrays, rebuild = (x,), lambda t: t[0]
+        xs_arrays.append(arrays)
+        rebuilds.append(rebuild)
+    key = ctx.next_key()
+    keys = None if key is None else jax.random.split(key, p["length"])
+
+    def body(carry_in, step):
+        step_xs, key = step
+        args = [*consts, *carry_in, *(rb(x) for rb, x in zip(rebuilds, step_xs, strict=True))]
+        outs = eval_closed(p["jaxpr"], args, ctx.child(key))
+        no_tracked_out(outs, "scan")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = jax.lax.scan(
+        body, list(carry), (xs_arrays, keys), length=p["length"], reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    return [*carry_out, *ys]
+
+
+def while_rule(eqn, invals, ctx):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts, carry = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+    no_tracked_out(carry, "while")
+
+    def cond_fn(c):
+        return eval_closed(p["cond_jaxpr"], [*cond_consts, *c], ctx.child())[0]
+
+    def body_fn(c):
+        outs = eval_closed(p["body_jaxpr"], [*body_consts, *c], ctx.child())
+        no_tracked_out(outs, "while")
+        return outs
+
+    return jax.lax.while_loop(cond_fn, body_fn, list(carry))
+
+
+def cond_rule(eqn, invals, ctx):
+    index, *ops = invals
+
+    def branch(closed):
+        def fn(*args):
+            outs = eval_closed(closed, args, ctx.child())
+            no_tracked_out(outs, "cond")
+            return outs
+
+        return fn
+
+    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
+
+
+HIGHER_ORDER: dict[str, Callable] = {
+    "jit": inline_rule("jaxpr"),
+    "pjit": inline_rule("jaxpr"),
+    "closed_call": inline_rule("call_jaxpr"),
+    "core_call": inline_rule("call_jaxpr"),
+    "custom_jvp_call": inline_rule("call_jaxpr"),
+    "custom_vjp_call": inline_rule("call_jaxpr"),
+    "custom_vjp_call_jaxpr": inline_rule("fun_jaxpr"),
+    "remat2": remat_rule,
+    "checkpoint": remat_rule,
+    "scan": scan_rule,
+    "while": while_rule,
+    "cond": cond_rule,
+}

@@ -1,0 +1,231 @@
+"""BERT-style encoder (BERT, MiniLM, RoBERTa checkpoints) as a Flax linen module.
+
+Names mirror Hugging Face (embeddings/word_embeddings, encoder/layer_0/attention/self/query, ...)
+so safetensors and PEFT keys map by renaming. Projections are plain nn.Dense with 2-D kernels,
+embeddings are gathers, so the LoRA jaxpr rewrite sees every weight at its point of use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.errors import LoraError
+
+BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+_ACTS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> approximate?
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The subset of an HF encoder config.json the forward needs; field names follow HF."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_act: str = "gelu"
+    model_type: str = "bert"
+    add_pooler: bool = False
+    scan_layers: bool = False
+    remat: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
+        """Read an HF config.json dict; refuse options the forward would silently ignore."""
+        model_type = hf.get("model_type", "bert")
+        if model_type not in BERT_MODEL_TYPES:
+            raise LoraError(f"model_type '{model_type}' is not a BERT-style encoder")
+        act = hf.get("hidden_act", "gelu")
+        if act not in _ACTS:
+            raise LoraError(f"hidden_act '{act}' is not supported (gelu, gelu_new are)")
+        pos_type = hf.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise LoraError(f"position_embedding_type '{pos_type}' is not supported")
+        fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
+        fields["model_type"] = model_type
+        fields.pop("add_pooler", None)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def _embed(num: int, features: int, name: str) -> nn.Embed:
+    return nn.Embed(num, features, embedding_init=nn.initializers.normal(0.02), name=name)
+
+
+def _layer_norm(c: BertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")
+
+
+def position_ids(input_ids_BxT: jnp.ndarray, c: BertConfig) -> jnp.ndarray:
+    """BERT counts 0..T-1; RoBERTa counts non-pad tokens from padding_idx+1, pads get padding_idx."""
+    B, T = input_ids_BxT.shape
+    if c.model_type == "bert":
+        return jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+    real_BxT = (input_ids_BxT != c.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real_BxT, axis=1) * real_BxT + c.pad_token_id
+
+
+class Embeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BxT, token_type_ids_BxT):
+        c = self.config
+        words_BxTxD = _embed(c.vocab_size, c.hidden_size, "word_embeddings")(input_ids_BxT)
+        pos = _embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")
+        types = _embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")
+        h_BxTxD = words_BxTxD + pos(position_ids(input_ids_BxT, c)) + types(token_type_ids_BxT)
+        return _layer_norm(c)(h_BxTxD)
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, mask_BxT):
+        c = self.config
+        B, T, D = x_BxTxD.shape
+        H = c.num_attention_heads
+        K = D // H
+        q_BxTxHxK = _dense(D, "query")(x_BxTxD).reshape(B, T, H, K)
+        k_BxSxHxK = _dense(D, "key")(x_BxTxD).reshape(B, T, H, K)
+        v_BxSxHxK = _dense(D, "value")(x_BxTxD).reshape(B, T, H, K)
+        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
+        scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
+        keep_Bx1x1xS = (mask_BxT > 0)[:, None, None, :]
+        scores_BxHxTxS = jnp.where(keep_Bx1x1xS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
+        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+        return out_BxTxHxK.reshape(B, T, D)
+
+
+class AddNorm(nn.Module):
+    """HF's "output" blocks: LayerNorm(residual + dense(x))."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxF, residual_BxTxD):
+        dense_BxTxD = _dense(self.config.hidden_size, "dense")(x_BxTxF)
+        return _layer_norm(self.config)(residual_BxTxD + dense_BxTxD)
+
+
+class Attention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, mask_BxT):
+        ctx_BxTxD = SelfAttention(self.config, name="self")(h_BxTxD, mask_BxT)
+        return AddNorm(self.config, name="output")(ctx_BxTxD, h_BxTxD)
+
+
+class Intermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        c = self.config
+        up_BxTxF = _dense(c.intermediate_size, "dense")(h_BxTxD)
+        return jax.nn.gelu(up_BxTxF, approximate=_ACTS[c.hidden_act])
+
+
+class Layer(nn.Module):
+    """Post-norm block. Signature (carry, broadcast) -> (carry, None) so nn.scan can stack it."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, mask_BxT):
+        c = self.config
+        h_BxTxD = Attention(c, name="attention")(h_BxTxD, mask_BxT)
+        up_BxTxF = Intermediate(c, name="intermediate")(h_BxTxD)
+        return AddNorm(c, name="output")(up_BxTxF, h_BxTxD), None
+
+
+class Encoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD, mask_BxT):
+        c = self.config
+        layer_cls = nn.remat(Layer, prevent_cse=not c.scan_layers) if c.remat else Layer
+        if c.scan_layers:
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=nn.broadcast, length=c.num_hidden_layers)
+            return stack(c, name="layer")(h_BxTxD, mask_BxT)[0]
+        for i in range(c.num_hidden_layers):
+            h_BxTxD, _ = layer_cls(c, name=f"layer_{i}")(h_BxTxD, mask_BxT)
+        return h_BxTxD
+
+
+class Pooler(nn.Module):
+    """HF's pooler: tanh(dense(first token)); used by BERT's sequence classifiers."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        return jnp.tanh(_dense(self.config.hidden_size, "dense")(h_BxTxD[:, 0, :]))
+
+
+class BertModel(nn.Module):
+    """Returns last hidden states [B,T,D]; the pooler (if any) is only used by `pooled`."""
+
+    config: BertConfig
+
+    def setup(self):
+        self.embeddings = Embeddings(self.config)
+        self.encoder = Encoder(self.config)
+        if self.config.add_pooler:
+            self.pooler = Pooler(self.config)
+
+    def __call__(self, input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None):
+        if attention_mask_BxT is None:
+            attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+        if token_type_ids_BxT is None:
+            token_type_ids_BxT = jnp.zeros(input_ids_BxT.shape, jnp.int32)
+        h_BxTxD = self.embeddings(input_ids_BxT, token_type_ids_BxT)
+        h_BxTxD = self.encoder(h_BxTxD, attention_mask_BxT)
+        if self.config.add_pooler and self.is_initializing():
+            self.pooled(h_BxTxD)  # create the pooler params
+        return h_BxTxD
+
+    def pooled(self, h_BxTxD: jnp.ndarray) -> jnp.ndarray:
+        """[B,D] pooler output, for use via `apply(..., method=BertModel.pooled)`."""
+        return self.pooler(h_BxTxD)
+
+
+def mean_pool(h_BxTxD: jnp.ndarray, mask_BxT: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Sentence embedding [B,D]: mean of token states over real (mask=1) tokens."""
+    if mask_BxT is None:
+        return jnp.mean(h_BxTxD, axis=1)
+    w_BxTx1 = mask_BxT.astype(h_BxTxD.dtype)[:, :, None]
+    total_BxD = jnp.sum(h_BxTxD * w_BxTx1, axis=1)
+    count_Bx1 = jnp.maximum(jnp.sum(w_BxTx1, axis=1), 1e-9)
+    return total_BxD / count_Bx1
+
+
+class ClassificationHead(nn.Module):
+    """Optional task head on a pooled [B,D] vector -> [B,num_labels] logits; trained from scratch."""
+
+    num_labels: int
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self, pooled_BxD: jnp.ndarray) -> jnp.ndarray:
+        h_BxD = jnp.tanh(_dense(self.hidden_size, "dense")(pooled_BxD))
+        return _dense(self.num_labels, "out_proj")(h_BxD)
