@@ -71,7 +71,7 @@ def _layer_norm(c: BertConfig) -> nn.LayerNorm:
 
 
 def position_ids(input_ids_BxT: jnp.ndarray, c: BertConfig) -> jnp.ndarray:
-    """BERT counts 0..T-1; RoBERTa counts non-pad tokens from padding_idx+1, pads get padding_idx."""
+    """BERT counts 0..T-1; RoBERTa counts real tokens from padding_idx+1, pads get padding_idx."""
     B, T = input_ids_BxT.shape
     if c.model_type == "bert":
         return jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
@@ -220,7 +220,7 @@ def mean_pool(h_BxTxD: jnp.ndarray, mask_BxT: jnp.ndarray | None = None) -> jnp.
 
 
 class ClassificationHead(nn.Module):
-    """Optional task head on a pooled [B,D] vector -> [B,num_labels] logits; trained from scratch."""
+    """Optional task head: pooled [B,D] -> [B,num_labels] logits; trained from scratch."""
 
     num_labels: int
     hidden_size: int

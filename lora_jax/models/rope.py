@@ -57,7 +57,9 @@ def rope_tables(
     return jnp.cos(angles_BxTxD), jnp.sin(angles_BxTxD)
 
 
-def apply_rope(x_BxTxHxD: jnp.ndarray, cos_BxTxD: jnp.ndarray, sin_BxTxD: jnp.ndarray) -> jnp.ndarray:
+def apply_rope(
+    x_BxTxHxD: jnp.ndarray, cos_BxTxD: jnp.ndarray, sin_BxTxD: jnp.ndarray
+) -> jnp.ndarray:
     """Rotate pairs (i, i + D/2) of each head vector by the position's angle."""
     half = x_BxTxHxD.shape[-1] // 2
     x1, x2 = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:]
