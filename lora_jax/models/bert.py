@@ -53,7 +53,7 @@ class BertConfig:
             raise LoraError(f"position_embedding_type '{pos_type}' is not supported")
         fields = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
         fields["model_type"] = model_type
-        fields.pop("add_pooler", None)
+        fields["add_pooler"] = True  # as HF BertModel; `load` sets it from the checkpoint
         fields.update(overrides)
         return cls(**fields)
 

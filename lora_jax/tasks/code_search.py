@@ -185,7 +185,7 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """Example order of one epoch: a function of (seed, epoch) only, so any epoch is recomputable."""
+    """One epoch's example order: a function of (seed, epoch) only, so it is recomputable."""
     return np.random.default_rng((seed, epoch)).permutation(num_examples)
 
 

