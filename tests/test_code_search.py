@@ -102,6 +102,7 @@ def test_test_dirs_and_unparseable_files_are_skipped(tmp_path) -> None:
             "tests/y.py": body,
             "idlelib/z.py": body,
             "site-packages/w.py": body,
+            "config-3.11/v.py": body,
             "broken.py": "def f(:\n",
         },
     )
@@ -205,18 +206,18 @@ def test_metrics_identity_is_perfect() -> None:
 
 
 def test_metrics_known_ranks() -> None:
-    # Codes are one-hot on 12 axes; query i's scores are chosen so code i ranks 1, 2, 3, 12.
+    # Codes are one-hot on 12 axes, so q[i, j] is the score of code j for query i.
     c = np.eye(12, dtype=np.float32)
-    q = np.zeros((12, 12), np.float32)
-    q[0, 0] = 1.0  # rank 1
-    q[1, 1], q[1, 5] = 0.5, 0.9  # rank 2
-    q[2, 2], q[2, 0], q[2, 7] = 0.5, 0.8, 0.9  # rank 3
+    q = 0.2 * np.eye(12, dtype=np.float32)  # default rank 1, with ties at 0 (not counted)
+    q[1, 5] = 0.9  # rank 2
+    q[2, 0], q[2, 7] = 0.8, 0.9  # rank 3
     q[3, :] = 1.0
     q[3, 3] = 0.1  # rank 12: every other code scores higher
-    q[4:, 4:] = 0.2 * np.eye(8)  # ranks 1 for the rest, with ties at 0 (not counted)
+    q[4, [0, 1, 2, 3, 5, 6, 7, 8, 9]] = 0.5  # rank 10: nine codes score higher
     got = {k: float(v) for k, v in retrieval.retrieval_metrics(q, c).items()}
-    rank_N = [1, 2, 3, 12] + [1] * 8
-    assert got["r@1"] == pytest.approx(9 / 12)
+    rank_N = [1, 2, 3, 12, 10] + [1] * 7
+    assert list(np.asarray(retrieval.ranks(q, c))) == rank_N
+    assert got["r@1"] == pytest.approx(8 / 12)
     assert got["r@10"] == pytest.approx(11 / 12)
     assert got["mrr"] == pytest.approx(np.mean([1 / r for r in rank_N]), rel=1e-6)
 

@@ -43,7 +43,7 @@ def info_nce_loss(
     c_BxD = c_BxD.astype(jnp.float32)
     logits_BxB = (q_BxD @ c_BxD.T) / temperature
     positive_B = jnp.diagonal(logits_BxB)
-    return jnp.mean(jax.nn.logsumexp(logits_BxB, axis=0) - positive_B)
+    return jnp.mean(jax.nn.logsumexp(logits_BxB, axis=1) - positive_B)
 
 
 def ranks(q_NxD: jax.Array, c_NxD: jax.Array) -> jax.Array:
