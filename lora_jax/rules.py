@@ -107,8 +107,14 @@ def _dot_general(eqn, invals, ctx):
         direct = True
     elif contract == frozenset(lay.outputs):  # W used transposed, e.g. a tied output head
         direct = False
-    else:
+    elif ctx.allow_materialize:
         return _unsupported(eqn, invals, ctx)
+    else:
+        raise LoraError(
+            f"adapter for '{t.path}' factors W over axes {list(lay.inputs)}, but here W is "
+            f"contracted over axes {sorted(contract)}; create the adapter with lora_jax.init on "
+            "this function"
+        )
     base = eqn.primitive.bind(*_with_w(invals), **eqn.params)
 
     # Labels: W's axes by original axis; x's contracted/batch axes share W's labels.

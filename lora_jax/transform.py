@@ -65,12 +65,13 @@ def _layout(path: str, shape: tuple[int, ...], uses: list[Use], allow_materializ
         raise LoraError(f"target '{path}' matches a parameter that the function never uses")
     factorable = [u for u in uses if u.kind != "other"]
     others = [u for u in uses if u.kind == "other"]
-    if not factorable or (others and not allow_materialize):
-        u = (others or uses)[0]
+    if others and not allow_materialize:
         raise LoraError(
-            f"weight '{path}' reaches '{u.prim}', which LoRA cannot factor; "
+            f"weight '{path}' reaches '{others[0].prim}', which LoRA cannot factor; "
             "pass allow_materialize=True to form W+ΔW there"
         )
+    if not factorable:  # only materialised uses: split W as [all but last axis] x [last axis]
+        return Layout((), tuple(range(len(shape) - 1)), (len(shape) - 1,))
     gathers = [u for u in factorable if u.kind == "gather"]
     main = (gathers or factorable)[0]
     stack = tuple(sorted(set(main.sliced) | main.batch))
