@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import lora_jax.models as M
 from lora_jax.errors import LoraError
 from lora_jax.models.bert import BertConfig, position_ids
+from lora_jax.models.loading import param_shapes
 from lora_jax.models.rope import inverse_frequencies
 from lora_jax.paths import flat_paths
 
@@ -31,6 +32,15 @@ BERT = dict(
     type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
 )
 IDS = jnp.array([[5, 9, 3, 7, 2, 8], [4, 4, 11, 1, 6, 3]], jnp.int32)
+
+
+def _run(model, *args):
+    return jax.jit(model.fn)(model.params, *args)
+
+
+def _shapes(hf, **overrides):
+    _, module, _ = M.build_module(hf, **overrides)
+    return {p: s.shape for p, s in flat_paths(param_shapes(module))}
 
 
 def _leaves(params):
@@ -53,48 +63,54 @@ def saved(request, tmp_path_factory):
 @pytest.mark.parametrize("hf,last", [(LLAMA, 64), (QWEN2, 64), (BERT, 32)])
 def test_output_shapes(hf, last):
     model = M.from_config(hf)
-    assert model.fn(model.params, IDS).shape == (2, 6, last)
-    assert model.fn(model.params, IDS, jnp.ones_like(IDS)).shape == (2, 6, last)
+    assert _run(model, IDS).shape == (2, 6, last)
+    assert _run(model, IDS, jnp.ones_like(IDS)).shape == (2, 6, last)
 
 
 def test_param_paths_read_naturally():
-    flat = _leaves(M.from_config(LLAMA).params)
-    assert flat["params/model/layers_1/self_attn/q_proj/kernel"].shape == (32, 32)
-    assert flat["params/model/layers_1/self_attn/k_proj/kernel"].shape == (32, 16)  # GQA
-    assert flat["params/model/embed_tokens/embedding"].shape == (64, 32)
-    assert flat["params/lm_head/kernel"].shape == (32, 64)
+    flat = _shapes(LLAMA)
+    assert flat["params/model/layers_1/self_attn/q_proj/kernel"] == (32, 32)
+    assert flat["params/model/layers_1/self_attn/k_proj/kernel"] == (32, 16)  # GQA
+    assert flat["params/model/embed_tokens/embedding"] == (64, 32)
+    assert flat["params/lm_head/kernel"] == (32, 64)
     assert "params/model/layers_0/self_attn/q_proj/bias" not in flat
-    scanned = _leaves(M.from_config(LLAMA, scan_layers=True).params)
-    assert scanned["params/model/layers/mlp/gate_proj/kernel"].shape == (2, 32, 48)
-    qwen = _leaves(M.from_config(QWEN2).params)
-    assert qwen["params/model/layers_0/self_attn/v_proj/bias"].shape == (16,)
+    scanned = _shapes(LLAMA, scan_layers=True)
+    assert scanned["params/model/layers/mlp/gate_proj/kernel"] == (2, 32, 48)
+    qwen = _shapes(QWEN2)
+    assert qwen["params/model/layers_0/self_attn/v_proj/bias"] == (16,)
     assert "params/model/layers_0/self_attn/o_proj/bias" not in qwen
     assert "params/lm_head/kernel" not in qwen  # tied
-    bert = _leaves(M.from_config(BERT, scan_layers=True).params)
-    assert bert["params/encoder/layer/attention/self/query/kernel"].shape == (2, 32, 32)
-    bert = _leaves(M.from_config(BERT).params)
-    assert bert["params/encoder/layer_1/attention/self/value/kernel"].shape == (32, 32)
+    bert = _shapes(BERT, scan_layers=True)
+    assert bert["params/encoder/layer/attention/self/query/kernel"] == (2, 32, 32)
+    bert = _shapes(BERT)
+    assert bert["params/encoder/layer_1/attention/self/value/kernel"] == (32, 32)
 
 
 def test_default_targets_select_query_and_value_only():
     for family, hf in (("llama", LLAMA), ("bert", BERT)):
         for scan in (False, True):
-            paths = _leaves(M.from_config(hf, scan_layers=scan).params)
+            paths = _shapes(hf, scan_layers=scan)
             hits = [p for p in paths if re.fullmatch(M.DEFAULT_TARGETS[family], p)]
             assert len(hits) == (2 if scan else 4), hits
 
 
+@pytest.mark.parametrize("saved", ["llama", "bert"], indirect=True)
 def test_scan_and_remat_match_unrolled(saved):
     _, directory = saved
-    base = M.load(directory)
-    want = base.fn(base.params, IDS)
     mask = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
-    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.fn(p, IDS, mask)))
-    want_grad = _leaves(jax.grad(loss(base))(base.params))
+
+    def out_and_grads(model):
+        def loss(p):
+            out = model.fn(p, IDS, mask)
+            return jnp.sum(jnp.sin(out)), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(model.params)
+        return out, _leaves(grads)
+
+    want, want_grad = out_and_grads(M.load(directory))
     for kwargs in (dict(scan_layers=True), dict(remat=True), dict(scan_layers=True, remat=True)):
-        other = M.load(directory, **kwargs)
-        _close(other.fn(other.params, IDS), want)
-        grads = _leaves(jax.grad(loss(other))(other.params))
+        out, grads = out_and_grads(M.load(directory, **kwargs))
+        _close(out, want)
         for path, g in grads.items():
             if M.is_stacked(path):
                 for i in range(g.shape[0]):
@@ -108,9 +124,9 @@ def test_decoder_left_padding_leaves_real_tokens_unchanged():
     real = IDS[:1, :4]
     padded = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), real], axis=1)
     mask = jnp.array([[0, 0, 1, 1, 1, 1]], jnp.int32)
-    want = model.fn(model.params, real)
-    _close(model.fn(model.params, padded, mask)[:, 2:], want)
-    unmasked = model.fn(model.params, padded)[:, 2:]
+    want = _run(model, real)
+    _close(_run(model, padded, mask)[:, 2:], want)
+    unmasked = _run(model, padded)[:, 2:]
     assert np.abs(np.asarray(unmasked - want)).max() > 1e-3  # the mask is what does it
 
 
@@ -119,10 +135,10 @@ def test_encoder_padding_mask_hides_pad_tokens():
     real = IDS[:1, :4]
     padded = jnp.concatenate([real, jnp.array([[7, 9]], jnp.int32)], axis=1)
     mask = jnp.array([[1, 1, 1, 1, 0, 0]], jnp.int32)
-    want = model.fn(model.params, real)
-    _close(model.fn(model.params, padded, mask)[:, :4], want)
-    assert np.abs(np.asarray(model.fn(model.params, padded)[:, :4] - want)).max() > 1e-3
-    pooled = M.mean_pool(model.fn(model.params, padded, mask), mask)
+    want = _run(model, real)
+    _close(_run(model, padded, mask)[:, :4], want)
+    assert np.abs(np.asarray(_run(model, padded)[:, :4] - want)).max() > 1e-3
+    pooled = M.mean_pool(_run(model, padded, mask), mask)
     _close(pooled, jnp.mean(want, axis=1))
 
 
@@ -149,7 +165,7 @@ def test_llama3_rope_scaling_keeps_high_and_scales_low_frequencies():
 
 def test_hf_names_round_trip_every_param():
     for hf in (LLAMA, QWEN2, BERT):
-        for path in _leaves(M.from_config(hf).params):
+        for path in _shapes(hf):
             key, transposed = M.flax_to_hf(path)
             assert M.hf_to_flax(key) == (path, transposed), key
     assert M.flax_to_hf("params/model/layers/self_attn/q_proj/kernel", 3) == (
@@ -180,7 +196,7 @@ def test_dtype_casts_floating_weights(saved):
     _, directory = saved
     model = M.load(directory, dtype=jnp.bfloat16)
     assert {leaf.dtype for leaf in _leaves(model.params).values()} == {jnp.dtype(jnp.bfloat16)}
-    assert model.fn(model.params, IDS).dtype == jnp.bfloat16
+    assert _run(model, IDS).dtype == jnp.bfloat16
 
 
 def _kernel_sharding(mesh):
@@ -208,7 +224,7 @@ def test_load_places_each_tensor_in_its_sharding(saved, scan):
     from_tree = M.load(directory, shardings=tree, scan_layers=scan)
     for path, leaf in _leaves(from_tree.params).items():
         assert leaf.sharding == pick(path, leaf.shape), path
-    _close(jax.jit(sharded.fn)(sharded.params, IDS), plain.fn(plain.params, IDS))
+    _close(_run(sharded, IDS), _run(plain, IDS))
 
 
 def _write_checkpoint(directory, hf, tensors):
@@ -291,7 +307,7 @@ def test_sharded_index_directory_loads(saved, tmp_path):
         weight_map.update({k: name for k in part})
     (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     a, b = M.load(directory), M.load(out)
-    _close(b.fn(b.params, IDS), a.fn(a.params, IDS), atol=0)
+    _close(_run(b, IDS), _run(a, IDS), atol=0)
 
 
 def test_packaged_minilm_resolves_offline():

@@ -181,7 +181,7 @@ def from_config(
 ) -> LoadedModel:
     """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
     family, module, config = build_module(hf_config, **overrides)
-    params = module.init(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
     if dtype is not None:
         params = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
