@@ -1,0 +1,41 @@
+"""What the trainer needs from a task; `lora_jax/tasks/<name>.py` provides `build(config, placer)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Task:
+    """A model plus its data, loss and evaluation.
+
+    fn(params, *inputs): the model's pure forward function; the transform is applied to it.
+    params: the base weights, already placed with the shardings the trainer asked for.
+    source: identifies the base (hub id or path); part of the checkpoint fingerprint.
+    inputs(batch): the model inputs taken from a batch (also used as init's example args).
+    loss(model, batch): (scalar loss, dict of scalar metrics); model(*inputs) runs the forward
+      with the weights being trained.
+    batches(position): global numpy batches from `position` (batches already consumed) on,
+      deterministic for the config's seed.
+    evaluate(forward, trainable): held-out metrics; forward(*numpy inputs) -> numpy outputs
+      runs the current model; trainable is the tree being trained (adapters or params).
+    train_examples: examples per epoch.
+    """
+
+    fn: Callable
+    params: PyTree
+    source: str
+    inputs: Callable[[Batch], tuple]
+    loss: Callable[[Callable, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+    batches: Callable[[int], Iterator[Batch]]
+    evaluate: Callable[[Callable, PyTree], dict[str, float]]
+    train_examples: int
+    tokenizer: Any = None

@@ -1,0 +1,244 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, read top to bottom as a recipe.
+
+mesh -> task (model + data) -> trainable split -> shardings -> state -> restore -> loop.
+Everything a bad config can break is checked before the workdir is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax
+from lora_jax import sharding as shd
+from lora_jax.adapter_io import save_adapter
+from lora_jax.checkpoint import RunCheckpoints, fingerprint
+from lora_jax.errors import LoraError
+from lora_jax.metrics import MetricWriter
+from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
+
+METHODS = ("lora", "full")
+# Fields a resumed run may change: how long it goes on and how often it reports.
+RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "ckpt_every", "keep_checkpoints")
+
+
+def lora_spec(cfg: Any) -> lora_jax.LoraSpec:
+    return lora_jax.LoraSpec(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, scaling=cfg.scaling,
+                             init=cfg.init, dropout=cfg.dropout)
+
+
+def build_task(config: Any, mesh: jax.sharding.Mesh):
+    try:
+        module = importlib.import_module(f"lora_jax.tasks.{config.task}")
+    except ModuleNotFoundError:
+        raise LoraError(f"unknown task {config.task!r}; expected a module in lora_jax/tasks") from None
+    return module.build(config, shd.param_sharding(mesh))
+
+
+def _check_workdir(workdir: str, config: Any) -> None:
+    """Refuse a workdir that holds a run of a different config (unless resume=False)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(config.to_json())
+    for key in RESUMABLE_CHANGES:
+        saved.pop(key, None)
+        current.pop(key, None)
+    if saved != current and config.resume:
+        diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        raise LoraError(
+            f"workdir {workdir} holds a run of a different config (differs in: {', '.join(diff)}); "
+            "use another --workdir or pass --config.resume=False to start over there"
+        )
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+    if config.method not in METHODS:
+        raise LoraError(f"method={config.method!r}; expected one of {METHODS}")
+    # ---- Mesh and the checks that need nothing else.
+    mesh = shd.make_mesh(config.mesh)
+    shd.check_batch(config.batch_size, config.grad_accum, mesh)
+    # ---- Task: base params are created or loaded straight into their shardings.
+    task = build_task(config, mesh)
+    steps = config.steps or max(1, int(config.epochs * task.train_examples // config.batch_size))
+    example = next(task.batches(0))
+    # ---- Trainable split: adapters under LoRA, the whole params tree under full fine-tuning.
+    rng = jax.random.key(config.seed)
+    param_sh = jax.tree.map(lambda x: x.sharding, task.params)
+    if config.method == "lora":
+        spec = lora_spec(config.lora)
+        adapters = lora_jax.init(jax.random.fold_in(rng, 1), task.fn, task.params,
+                                 *task.inputs(example), spec=spec)
+        trainable_sh = lora_jax.adapter_shardings(adapters, param_sh)
+        trainable = jax.device_put(adapters, trainable_sh)
+        frozen, frozen_sh = task.params, param_sh
+        lora_fp = config.lora.to_dict()
+    else:
+        trainable, trainable_sh, frozen, frozen_sh, lora_fp = task.params, param_sh, {}, {}, None
+    n_train, n_base = lora_jax.count_params(trainable), lora_jax.count_params(task.params)
+    # ---- Optimizer state lives only on the trainable tree, sharded like it.
+    tx, schedule = make_optimizer(config.optimizer, steps)
+    repl = shd.replicated(mesh)
+    opt_sh = _like_params(jax.eval_shape(tx.init, trainable), trainable, trainable_sh, repl)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    state = TrainState(step=jax.device_put(jnp.int32(0), repl), trainable=trainable, frozen=frozen,
+                       opt_state=opt_state, rng=jax.device_put(jax.random.fold_in(rng, 2), repl))
+    state_sh = TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=repl)
+    batch_sh = {k: shd.batch_sharding(mesh) for k in example}
+    # ---- The step: jitted once, explicit shardings, the state donated.
+    apply_fn = model_apply(config.method, task.fn)
+    traces = []
+
+    def traced_step(state, batch):
+        traces.append(1)
+        return step_fn(state, batch)
+
+    step_fn = make_train_step(apply_fn, task.loss, tx, schedule, config.grad_accum,
+                              use_rng=config.method == "lora" and config.lora.dropout > 0)
+    train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, repl), donate_argnums=0)
+    forward = _make_forward(apply_fn, mesh)
+    # ---- Workdir: only now, with everything validated, is anything written.
+    _check_workdir(workdir, config)
+    if not config.resume and os.path.exists(workdir) and jax.process_index() == 0:
+        for name in ("ckpt", "adapter", "finetuned", "metrics.jsonl", "tb", "adapter.json"):
+            path = os.path.join(workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=1))
+    fp = fingerprint(task.params, task.source, config.method, lora_fp)
+    ckpts = RunCheckpoints(os.path.join(workdir, "ckpt"), config.keep_checkpoints, fp)
+    saved_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl}
+    saved = {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
+    restored = ckpts.restore(_abstract(saved, saved_sh)) if config.resume else None
+    position = 0
+    if restored is not None:
+        tree, meta = restored
+        state = state.replace(**tree)
+        position = meta["data_position"]
+    start = int(state.step)
+    writer = MetricWriter(workdir, steps, start)
+    setup = {"setup/trainable_params": n_train, "setup/base_params": n_base,
+             "setup/trainable_fraction": n_train / max(n_base, 1),
+             "setup/trainable_bytes": sum(x.nbytes for x in jax.tree.leaves(trainable)),
+             "setup/devices": jax.device_count(), "setup/processes": jax.process_count(),
+             "setup/mesh": json.dumps(dict(mesh.shape)), "setup/steps": steps}
+    if start == 0:
+        writer.write(0, setup)
+    writer.message(f"{config.method}: {n_train:,} trainable of {n_base:,} base params "
+                   f"({100 * n_train / max(n_base, 1):.3f}%), mesh {dict(mesh.shape)}, "
+                   f"{'resuming at step ' + str(start) if start else 'from scratch'}")
+
+    def evaluate(step: int) -> dict:
+        host_trainable = jax.tree.map(shd.to_host, state.trainable)
+        res = task.evaluate(lambda *inputs: forward(state.trainable, state.frozen, *inputs), host_trainable)
+        row = {f"eval/{k}": float(v) for k, v in res.items()}
+        writer.write(step, row)
+        writer.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        return row
+
+    # ---- The loop.
+    last_eval = evaluate(0) if start == 0 else {}
+    batches = task.batches(position)
+    t0, done_since = time.perf_counter(), start
+    last_ckpt = ckpts.latest_step()
+    for step in range(start, steps):
+        batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
+        state, metrics = train_step(state, batch)
+        position += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
+            if not math.isfinite(row["loss"]):
+                ckpts.close()
+                good = "none" if last_ckpt is None else f"step {last_ckpt} in {ckpts.directory}"
+                raise LoraError(f"loss is {row['loss']} at step {done}; last good checkpoint: {good}")
+            elapsed = time.perf_counter() - t0
+            row["examples_per_s"] = (done - done_since) * config.batch_size / elapsed
+            row["step_time_s"] = elapsed / (done - done_since)
+            writer.write(done, row)
+            writer.progress(done, row["loss"], row["examples_per_s"])
+            t0, done_since = time.perf_counter(), done
+        if done % config.ckpt_every == 0 or done == steps:
+            ckpts.save(done, {"trainable": state.trainable, "opt_state": state.opt_state,
+                              "step": state.step}, position)
+            last_ckpt = done
+        if config.eval_every and done % config.eval_every == 0 and done != steps:
+            last_eval = evaluate(done)
+    if start < steps or not last_eval:
+        last_eval = evaluate(steps)
+    ckpts.close()
+    # ---- Export the final trainable tree with its description.
+    info = {"method": config.method, "base_source": task.source, "fingerprint": fp,
+            "lora": lora_fp, "trainable_params": n_train, "base_params": n_base, "steps": steps,
+            "eval": last_eval}
+    out_dir = os.path.join(workdir, "adapter" if config.method == "lora" else "finetuned")
+    if config.method == "lora":
+        save_adapter(out_dir, state.trainable, info)
+    else:
+        _save_tree(out_dir, state.trainable)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "adapter.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    writer.close()
+    return {"steps": steps, "start_step": start, "eval": last_eval, "step_traces": len(traces),
+            "trainable": state.trainable, "workdir": workdir}
+
+
+def _like_params(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:
+    """Shardings for optimizer state: a leaf that mirrors a param (its key path ends with the
+    param's, same shape) is sharded like it; counters and the like are replicated."""
+    by_path = {}
+    for (kp, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh)):
+        by_path[jax.tree_util.keystr(kp)] = (x.shape, s)
+
+    def pick(kp, leaf):
+        key = jax.tree_util.keystr(kp)
+        for suffix, (shape, s) in by_path.items():
+            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
+                return s
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def _make_forward(apply_fn, mesh):
+    """forward(trainable, frozen, *numpy inputs) -> numpy outputs, batch-sharded, jitted once per shape."""
+    jitted = jax.jit(lambda tr, fr, *inputs: apply_fn(tr, fr, *inputs))
+    batch_sh = shd.batch_sharding(mesh)
+    shards = batch_sh.mesh.shape["data"] * batch_sh.mesh.shape["fsdp"]
+
+    def forward(trainable, frozen, *inputs):
+        n = inputs[0].shape[0]
+        pad = (-n) % shards
+        padded = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x for x in inputs]
+        out = jitted(trainable, frozen, *(shd.to_device(x, batch_sh) for x in padded))
+        return jax.tree.map(lambda y: shd.to_host(y)[:n], out)
+
+    return forward
+
+
+def _save_tree(directory: str, tree: Any) -> None:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(directory), tree, force=True)
+    ckptr.wait_until_finished()
+
