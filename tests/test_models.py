@@ -283,6 +283,16 @@ def test_wrong_shape_is_named(saved, tmp_path):
     assert f"'{victim}'" in _one_line(e) and "(3, 5)" in str(e.value)
 
 
+@pytest.mark.parametrize("saved", ["llama", "qwen2"], indirect=True)
+def test_tensor_without_a_place_is_refused(saved, tmp_path):
+    hf, directory = saved
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(32, np.float32)
+    with pytest.raises(LoraError) as e:
+        M.load(_write_checkpoint(tmp_path / "extra", hf, tensors))
+    assert "'model.layers.0.self_attn.o_proj.bias'" in _one_line(e)
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     directory = tmp_path / "bin"
     directory.mkdir()

@@ -193,7 +193,12 @@ class BertModel(nn.Module):
         if self.config.add_pooler:
             self.pooler = Pooler(self.config)
 
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None):
+    def __call__(
+        self,
+        input_ids_BxT: jnp.ndarray,
+        attention_mask_BxT: jnp.ndarray | None = None,
+        token_type_ids_BxT: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
         if token_type_ids_BxT is None:

@@ -8,6 +8,7 @@ whole on one device or in host memory at once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class SafetensorsDir:
     def __init__(self, directory: Path, prefix: str = ""):
         self.directory = directory
         self.prefix = prefix
+        self.used: set[str] = set()
         self._files: dict[str, Any] = {}
         if (directory / _INDEX).is_file():
             weight_map = json.loads((directory / _INDEX).read_text())["weight_map"]
@@ -81,6 +83,7 @@ class SafetensorsDir:
         want = tuple(reversed(layer_shape)) if transposed else layer_shape
         for key in keys:
             self._check(key, want, path)
+        self.used.update(keys)
 
         def one(key: str, index: tuple[slice, ...]) -> np.ndarray:
             view = self._slice(key)
@@ -101,3 +104,13 @@ class SafetensorsDir:
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.make_array_from_callback(shape, sharding, callback)
+
+    def check_all_used(self, ignorable: Callable[[str], bool]) -> None:
+        """Refuse tensors the model would silently drop (a config that disagrees with weights)."""
+        unused = sorted(k for k in self.key_file if k not in self.used and not ignorable(k))
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise LoraError(
+                f"checkpoint {self.directory} has tensors config.json gives no place to: "
+                f"{', '.join(repr(k) for k in unused[:3])}{more}"
+            )

@@ -180,7 +180,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxT, mask_BxT):
+    def __call__(self, input_ids_BxT: jnp.ndarray, mask_BxT: jnp.ndarray):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
                          embedding_init=nn.initializers.normal(0.02))
@@ -210,7 +210,9 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None):
+    def __call__(
+        self, input_ids_BxT: jnp.ndarray, attention_mask_BxT: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
         h_BxTxD, embed = LlamaModel(self.config, name="model")(input_ids_BxT, attention_mask_BxT)

@@ -127,6 +127,15 @@ def _prefix(tensors: SafetensorsDir, family: str) -> str:
     return ""
 
 
+def _ignorable(family: str, prefix: str) -> Callable[[str], bool]:
+    """Tensors a checkpoint may carry that the forward rightly does not use."""
+    if family == "llama":  # cached rope tables; a tied head saved anyway
+        return lambda key: key.endswith("rotary_emb.inv_freq") or key == "lm_head.weight"
+    encoder = tuple(prefix + part for part in ("embeddings.", "encoder.", "pooler."))
+    # task heads (cls.*, classifier.*) and the position_ids buffer
+    return lambda key: not key.startswith(encoder) or key.endswith("position_ids")
+
+
 def _sharding_for(shardings: Any) -> Callable[[str, tuple[int, ...]], Any]:
     if shardings is None:
         return lambda path, shape: None
@@ -167,6 +176,7 @@ def load(
         path: tensors.read(path, tuple(s.shape), dtype, sharding_of(path, tuple(s.shape)))
         for path, s in flat_paths(shapes)
     }
+    tensors.check_all_used(_ignorable(family, tensors.prefix))
     tokenizer = None
     if (directory / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
