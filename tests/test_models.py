@@ -126,7 +126,7 @@ def test_decoder_left_padding_leaves_real_tokens_unchanged():
     mask = jnp.array([[0, 0, 1, 1, 1, 1]], jnp.int32)
     want = _run(model, real)
     _close(_run(model, padded, mask)[:, 2:], want)
-    unmasked = _run(model, padded)[:, 2:]
+    unmasked = _run(model, padded, jnp.ones_like(mask))[:, 2:]
     assert np.abs(np.asarray(unmasked - want)).max() > 1e-3  # the mask is what does it
 
 
@@ -136,9 +136,11 @@ def test_encoder_padding_mask_hides_pad_tokens():
     padded = jnp.concatenate([real, jnp.array([[7, 9]], jnp.int32)], axis=1)
     mask = jnp.array([[1, 1, 1, 1, 0, 0]], jnp.int32)
     want = _run(model, real)
-    _close(_run(model, padded, mask)[:, :4], want)
-    assert np.abs(np.asarray(_run(model, padded)[:, :4] - want)).max() > 1e-3
-    pooled = M.mean_pool(_run(model, padded, mask), mask)
+    masked = _run(model, padded, mask)
+    _close(masked[:, :4], want)
+    unmasked = _run(model, padded, jnp.ones_like(mask))[:, :4]
+    assert np.abs(np.asarray(unmasked - want)).max() > 1e-3
+    pooled = M.mean_pool(masked, mask)
     _close(pooled, jnp.mean(want, axis=1))
 
 

@@ -111,6 +111,18 @@ def test_export_loads_in_transformers_and_matches(checkpoint, tmp_path):
     _assert_match(_torch_out(reloaded, ids, mask), _torch_out(torch_model, ids, mask), mask)
 
 
+def test_encoder_inside_a_task_checkpoint_loads(tmp_path):
+    config = transformers.BertConfig(**ENCODER, num_labels=3, attn_implementation="eager")
+    torch.manual_seed(0)
+    torch_model = transformers.BertForSequenceClassification(config).eval()
+    torch_model.save_pretrained(tmp_path / "cls")
+    ours = M.load(tmp_path / "cls")  # keys under "bert.", head tensors ignored
+    mask = RIGHT_MASK
+    ids = _ids("bert", mask)
+    _assert_match(jax.jit(ours.fn)(ours.params, jnp.asarray(ids), jnp.asarray(mask)),
+                  _torch_out(torch_model.bert, ids, mask), mask)
+
+
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
     "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",

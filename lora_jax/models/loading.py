@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ PyTree = Any
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _ENCODER_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
+_HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "name" or "org/name", not a path
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.txt", "merges.txt", "*.model"]
 
 
@@ -96,7 +98,7 @@ def resolve(path_or_id: str | Path) -> Path:
         return path
     if path.exists():
         raise LoraError(f"{text} is a file; expected a Hugging Face model directory")
-    if text.startswith(("/", ".", "~")) or text.count("/") != 1:
+    if not _HUB_ID.fullmatch(text):
         raise LoraError(f"no model directory at {text}")
     if text == MINILM_ID:
         try:
