@@ -36,12 +36,12 @@ def lora_spec(cfg: Any) -> lora_jax.LoraSpec:
                              init=cfg.init, dropout=cfg.dropout)
 
 
-def build_task(config: Any, mesh: jax.sharding.Mesh):
+def build_task(config: Any, mesh: jax.sharding.Mesh, workdir: str):
     try:
         module = importlib.import_module(f"lora_jax.tasks.{config.task}")
     except ModuleNotFoundError:
         raise LoraError(f"unknown task {config.task!r}; expected a module in lora_jax/tasks") from None
-    return module.build(config, shd.param_sharding(mesh))
+    return module.build(config, shd.param_sharding(mesh), workdir)
 
 
 def _check_workdir(workdir: str, config: Any) -> None:
@@ -74,7 +74,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     mesh = shd.make_mesh(config.mesh)
     shd.check_batch(config.batch_size, config.grad_accum, mesh)
     # ---- Task: base params are created or loaded straight into their shardings.
-    task = build_task(config, mesh)
+    task = build_task(config, mesh, workdir)
     steps = config.steps or max(1, int(config.epochs * task.train_examples // config.batch_size))
     example = next(task.batches(0))
     # ---- Trainable split: adapters under LoRA, the whole params tree under full fine-tuning.
@@ -123,6 +123,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=1))
+        if task.save_cache is not None:
+            task.save_cache(workdir)
     fp = fingerprint(task.params, task.source, config.method, lora_fp)
     ckpts = RunCheckpoints(os.path.join(workdir, "ckpt"), config.keep_checkpoints, fp)
     saved_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl}

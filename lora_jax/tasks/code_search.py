@@ -219,3 +219,68 @@ def iterate_batches(
             rows = perm[b * batch_size : (b + 1) * batch_size]
             yield {k: v[rows] for k, v in arrays.items()}
         epoch, index = epoch + 1, 0
+
+
+def save_cache(cache_dir: str, data: CodeSearchData) -> None:
+    """Keep the built set in `cache_dir` so later runs (and readers) reuse exactly this split."""
+    _write_cache(os.path.join(cache_dir, CACHE_FILENAME), data)
+
+
+def _pooled(hidden_BxTxD: Any, mask_BxT: Any) -> Any:
+    from lora_jax.tasks.retrieval import l2_normalize, mean_pool
+
+    return l2_normalize(mean_pool(hidden_BxTxD, mask_BxT))
+
+
+def build(config: Any, placer: Any, workdir: str) -> Any:
+    """The trainer's view: MiniLM (or any BERT-family encoder), InfoNCE, held-out R@k / MRR.
+
+    The module split uses the fixed DEFAULT_SEED, so every training seed sees the same held-out
+    modules; the training order follows `config.seed`.
+    """
+    from lora_jax.errors import LoraError
+    from lora_jax.models import load
+    from lora_jax.tasks.retrieval import info_nce_loss, retrieval_metrics
+    from lora_jax.tasks.task import Task
+
+    c = config.code_search
+    model = load(config.model.path, dtype=config.model.dtype, shardings=placer)
+    if model.family != "bert" or model.tokenizer is None:
+        raise LoraError(f"code_search needs a BERT-family encoder with tokenizer.json; "
+                        f"{config.model.path} is {model.family}, tokenizer: {model.tokenizer is not None}")
+    data = load_code_search(cache_dir=workdir if os.path.isdir(workdir) else None,
+                            holdout_fraction=c.holdout)
+    train = data.train[: c.max_train or None]
+    heldout = data.heldout[: c.max_eval or None]
+    train_arrays = tokenize_pairs(model.tokenizer, train, c.query_len, c.code_len)
+    eval_arrays = tokenize_pairs(model.tokenizer, heldout, c.query_len, c.code_len)
+    if len(train) < config.batch_size:
+        raise LoraError(f"code_search has {len(train)} training pairs, fewer than batch_size "
+                        f"{config.batch_size}")
+
+    def loss(run, batch):
+        q = _pooled(run(batch["query_ids"], batch["query_mask"]), batch["query_mask"])
+        k = _pooled(run(batch["code_ids"], batch["code_mask"]), batch["code_mask"])
+        value = info_nce_loss(q, k, c.temperature)
+        return value, {"infonce": value}
+
+    def embed(forward, ids, mask):
+        out = []
+        for i in range(0, len(ids), c.eval_batch):
+            hidden = forward(ids[i : i + c.eval_batch], mask[i : i + c.eval_batch])
+            out.append(np.asarray(_pooled(hidden, mask[i : i + c.eval_batch])))
+        return np.concatenate(out)
+
+    def evaluate(forward, trainable):
+        del trainable
+        q = embed(forward, eval_arrays["query_ids"], eval_arrays["query_mask"])
+        k = embed(forward, eval_arrays["code_ids"], eval_arrays["code_mask"])
+        return {name: float(v) for name, v in retrieval_metrics(q, k).items()}
+
+    return Task(
+        fn=model.fn, params=model.params, source=model.source,
+        inputs=lambda b: (b["query_ids"], b["query_mask"]), loss=loss,
+        batches=lambda position: iterate_batches(train_arrays, config.batch_size, config.seed, position),
+        evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
+        save_cache=lambda directory: save_cache(directory, data),
+    )

@@ -64,7 +64,8 @@ def _np_forward(params: dict, x: np.ndarray) -> np.ndarray:
     return np.asarray(mlp_fn(jax.tree.map(jnp.asarray, params), jnp.asarray(x)))
 
 
-def build(config: Any, placer: Callable) -> Task:
+def build(config: Any, placer: Callable, workdir: str) -> Task:
+    del workdir
     c = config.planted_rank
     host = base_params(c.width, c.layers, config.seed)
     planted = planted_updates(host, c.planted, c.planted_k, c.planted_norm, config.seed)

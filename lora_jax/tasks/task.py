@@ -1,4 +1,5 @@
-"""What the trainer needs from a task; `lora_jax/tasks/<name>.py` provides `build(config, placer)`."""
+"""What the trainer needs from a task; `lora_jax/tasks/<name>.py` provides
+`build(config, placer, workdir)` (placer: (path, shape) -> sharding for the base params)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,4 @@ class Task:
     evaluate: Callable[[Callable, PyTree], dict[str, float]]
     train_examples: int
     tokenizer: Any = None
+    save_cache: Callable[[str], None] | None = None  # keeps built data in the workdir
