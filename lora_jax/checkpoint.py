@@ -48,7 +48,11 @@ class RunCheckpoints:
         self.fingerprint = fingerprint
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        # Plain per-array storage: OCDBT keeps a merged copy beside each process's own data,
+        # which doubles a checkpoint on disk.
+        handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(self, step: int, state: PyTree, data_position: int) -> None:
         meta = {"fingerprint": self.fingerprint, "data_position": data_position, "step": step}
@@ -59,31 +63,43 @@ class RunCheckpoints:
         return self._mngr.latest_step()
 
     def restore(self, abstract_state: PyTree) -> tuple[PyTree, dict] | None:
-        """The newest readable checkpoint as (state, meta); None when there is none at all."""
+        """The newest readable checkpoint as (state, meta); None when there is none at all.
+
+        Unreadable newer checkpoints are reported and moved aside to `corrupt-<step>`, so the run
+        can write those steps again.
+        """
         steps = sorted(self._mngr.all_steps(), reverse=True)
+        bad = []
         for step in steps:
             try:
                 meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
+                if diff:
+                    raise LoraError(
+                        f"checkpoint {step} in {self.directory} is for another run: " + "; ".join(diff)
+                    )
+                restored = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except LoraError:
+                raise
             except Exception as e:  # a torn or corrupted checkpoint: report it, use an older one
                 logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
                                 step, self.directory, type(e).__name__)
+                bad.append(step)
                 continue
-            diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
-            if diff:
-                raise LoraError(
-                    f"checkpoint {step} in {self.directory} is for another run: " + "; ".join(diff)
-                )
-            try:
-                restored = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
-            except Exception as e:
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
-                                step, self.directory, type(e).__name__)
-                continue
+            self._set_aside(bad)
             return restored.state, meta
         if steps:
             raise LoraError(f"no readable checkpoint in {self.directory} (steps {steps} all failed)")
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if steps and jax.process_index() == 0:
+            for step in steps:
+                os.replace(os.path.join(self.directory, str(step)),
+                           os.path.join(self.directory, f"corrupt-{step}"))
+        if steps:
+            self._mngr.reload()
 
     def close(self) -> None:
         self._mngr.wait_until_finished()

@@ -103,12 +103,12 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, tx: optax.GradientTra
             (loss, aux), grads = jax.tree.map(lambda x: x / grad_accum, total)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
         for name, sub in (("a", "a"), ("b", "b")):
             part = [getattr(x, sub) for x in jax.tree.leaves(grads, is_leaf=_is_adapter)
                     if isinstance(x, Adapter)]
             if part:
-                metrics[f"grad_norm_{name}"] = optax.global_norm(part)
+                metrics[f"grad_norm_{name}"] = optax.tree.norm(part)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new, metrics
 
