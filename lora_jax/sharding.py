@@ -90,6 +90,11 @@ def to_device(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def place(tree, shardings):
+    """Put host-side or single-device values onto (possibly multi-process) shardings."""
+    return jax.tree.map(lambda x, s: to_device(np.asarray(x), s), tree, shardings)
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-process) array on every process."""
     if x.is_fully_addressable:

@@ -85,7 +85,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         adapters = lora_jax.init(jax.random.fold_in(rng, 1), task.fn, task.params,
                                  *task.inputs(example), spec=spec)
         trainable_sh = lora_jax.adapter_shardings(adapters, param_sh)
-        trainable = jax.device_put(adapters, trainable_sh)
+        trainable = shd.place(adapters, trainable_sh)
         frozen, frozen_sh = task.params, param_sh
         lora_fp = config.lora.to_dict()
     else:
@@ -96,8 +96,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     repl = shd.replicated(mesh)
     opt_sh = _like_params(jax.eval_shape(tx.init, trainable), trainable, trainable_sh, repl)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    state = TrainState(step=jax.device_put(jnp.int32(0), repl), trainable=trainable, frozen=frozen,
-                       opt_state=opt_state, rng=jax.device_put(jax.random.fold_in(rng, 2), repl))
+    step0, rng = jax.jit(lambda: (jnp.int32(0), jax.random.fold_in(jax.random.key(config.seed), 2)),
+                         out_shardings=(repl, repl))()
+    state = TrainState(step=step0, trainable=trainable, frozen=frozen, opt_state=opt_state, rng=rng)
     state_sh = TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=repl)
     batch_sh = {k: shd.batch_sharding(mesh) for k in example}
     # ---- The step: jitted once, explicit shardings, the state donated.
@@ -135,7 +136,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         tree, meta = restored
         state = state.replace(**tree)
         position = meta["data_position"]
-    start = int(state.step)
+    start = int(shd.to_host(state.step))
     writer = MetricWriter(workdir, steps, start)
     setup = {"setup/trainable_params": n_train, "setup/base_params": n_base,
              "setup/trainable_fraction": n_train / max(n_base, 1),

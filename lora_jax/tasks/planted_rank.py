@@ -19,6 +19,7 @@ import numpy as np
 from lora_jax.adapters import adapter_items
 from lora_jax.analysis import subspace_overlap
 from lora_jax.paths import flat_paths, nest
+from lora_jax.sharding import to_device
 from lora_jax.tasks.task import Task
 
 
@@ -71,9 +72,7 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
     planted = planted_updates(host, c.planted, c.planted_k, c.planted_norm, config.seed)
     teacher = _teacher(host, planted)
     dtype = jnp.dtype(config.model.dtype)
-    params = nest({
-        p: jax.device_put(jnp.asarray(w, dtype), placer(p, w.shape)) for p, w in flat_paths(host)
-    })
+    params = nest({p: to_device(np.asarray(w, dtype), placer(p, w.shape)) for p, w in flat_paths(host)})
     eval_x = np.random.default_rng([config.seed, 99]).standard_normal((c.eval_examples, c.width))
     eval_x = eval_x.astype(np.float32)
     eval_y = _np_forward(teacher, eval_x)
