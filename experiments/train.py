@@ -27,6 +27,8 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
+    # With OCDBT off (see lora_jax/checkpoint.py) Orbax warns at each save that it has nothing to merge.
+    logging.get_absl_handler().addFilter(lambda record: "Skipping merge of OCDBT" not in record.getMessage())
 
     if _NPROC.value and _NPROC.value > 1:
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":

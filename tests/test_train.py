@@ -78,7 +78,7 @@ def test_full_finetuning_runs_the_same_loop_and_saves_all_params(tmp_path):
     assert paths == {f"layers_{i}/{n}" for i in range(3) for n in ("kernel", "bias")}
     assert _dir_bytes(tmp_path / "ckpt" / "12") > 3 * 128 * 128 * 4  # params + moments
     assert os.path.isdir(tmp_path / "finetuned")
-    assert json.load(open(tmp_path / "adapter.json"))["method"] == "full"
+    assert json.loads((tmp_path / "adapter.json").read_text())["method"] == "full"
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
