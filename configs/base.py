@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.scaling = "standard"  # standard (α/r) | rslora (α/√r)
     c.lora.init = "kaiming"  # A's init: kaiming | gaussian (B starts at 0 either way)
     c.lora.dropout = 0.0  # dropout on the LoRA branch's input while training
+    c.lora.train_also = ""  # regex of base weights trained in full beside the adapters (e.g. a new head)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3  # peak learning rate (of A under LoRA+)

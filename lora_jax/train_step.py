@@ -1,8 +1,8 @@
 """The train state, the optimizer, and the pure train step `(state, batch) -> (state, metrics)`.
 
-One split decides everything about trainability: `trainable` is the adapter tree under LoRA and
-the whole params tree under full fine-tuning; `frozen` is the base under LoRA and empty under full.
-Only `trainable` is differentiated, held by the optimizer, checkpointed, and sharded as such.
+One split (lora_jax/trainable.py) decides everything about trainability: only `trainable` is
+differentiated, held by the optimizer, checkpointed, and sharded as such; `frozen` is passed
+through untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flax import struct
 
 import lora_jax
 from lora_jax.adapters import Adapter
+from lora_jax.trainable import combine
 
 PyTree = Any
 
@@ -35,7 +36,8 @@ def model_apply(method: str, fn: Callable) -> Callable:
     if method == "full":
         return lambda trainable, frozen, *inputs, rng=None: fn(trainable, *inputs)
     return lambda trainable, frozen, *inputs, rng=None: lora_jax.apply(
-        fn, frozen, trainable, *inputs, rng=rng, deterministic=rng is None
+        fn, combine(frozen, trainable["extra"]), trainable["adapters"], *inputs, rng=rng,
+        deterministic=rng is None,
     )
 
 

@@ -25,6 +25,7 @@ from lora_jax.checkpoint import RunCheckpoints, fingerprint
 from lora_jax.errors import LoraError
 from lora_jax.metrics import MetricWriter
 from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
+from lora_jax.trainable import partition
 
 METHODS = ("lora", "full")
 # Fields a resumed run may change: how long it goes on and how often it reports.
@@ -84,9 +85,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         spec = lora_spec(config.lora)
         adapters = lora_jax.init(jax.random.fold_in(rng, 1), task.fn, task.params,
                                  *task.inputs(example), spec=spec)
-        trainable_sh = lora_jax.adapter_shardings(adapters, param_sh)
-        trainable = shd.place(adapters, trainable_sh)
-        frozen, frozen_sh = task.params, param_sh
+        extra, frozen = partition(task.params, config.lora.train_also)
+        extra_sh, frozen_sh = partition(param_sh, config.lora.train_also)
+        trainable_sh = {"adapters": lora_jax.adapter_shardings(adapters, param_sh), "extra": extra_sh}
+        trainable = {"adapters": shd.place(adapters, trainable_sh["adapters"]), "extra": extra}
         lora_fp = config.lora.to_dict()
     else:
         trainable, trainable_sh, frozen, frozen_sh, lora_fp = task.params, param_sh, {}, {}, None
@@ -194,7 +196,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             "eval": last_eval}
     out_dir = os.path.join(workdir, "adapter" if config.method == "lora" else "finetuned")
     if config.method == "lora":
-        save_adapter(out_dir, state.trainable, info)
+        save_adapter(out_dir, state.trainable["adapters"], info)
+        if state.trainable["extra"]:
+            _save_tree(os.path.join(out_dir, "extra"), state.trainable["extra"])
     else:
         _save_tree(out_dir, state.trainable)
     if jax.process_index() == 0:

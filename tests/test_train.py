@@ -52,7 +52,8 @@ def test_run_compiles_once_learns_and_writes_its_outputs(tmp_path):
                for r in train_rows)
     assert os.listdir(tmp_path / "tb")
     adapters, info = load_adapter(str(tmp_path / "adapter"))
-    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(res["trainable"])):
+    assert res["trainable"]["extra"] == {}
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(res["trainable"]["adapters"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert info["trainable_params"] == 3 * 2 * 128 * 4 and info["method"] == "lora"
 

@@ -21,6 +21,7 @@ from lora_jax.analysis import subspace_overlap
 from lora_jax.paths import flat_paths, nest
 from lora_jax.sharding import to_device
 from lora_jax.tasks.task import Task
+from lora_jax.trainable import adapters_of
 
 
 def mlp_fn(params: dict, x_BxD: jax.Array) -> jax.Array:
@@ -104,7 +105,8 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
 
 
 def _learned_deltas(trainable: Any, base: dict) -> dict[str, np.ndarray]:
-    if adapter_items(trainable):
-        return {p: np.asarray(ad.delta()) for p, ad in adapter_items(trainable)}
+    adapters = adapters_of(trainable)
+    if adapter_items(adapters):
+        return {p: np.asarray(ad.delta()) for p, ad in adapter_items(adapters)}
     flat_base = dict(flat_paths(base))
     return {p: np.asarray(w) - flat_base[p] for p, w in flat_paths(trainable) if np.ndim(w) == 2}
