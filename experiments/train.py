@@ -10,6 +10,7 @@ environment). All the work is in `lora_jax.trainer.train_and_evaluate`.
 import os
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -40,8 +41,13 @@ def main(argv):
     config_path = flags.FLAGS["config"].config_filename
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
     workdir = _WORKDIR.value or os.path.join("runs", name)
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):  # a file that failed to load
+        print(f"error: cannot load config file {config_path} (expected a .py file with get_config)",
+              file=sys.stderr)
+        sys.exit(1)
     try:
-        result = train_and_evaluate(_CONFIG.value, workdir)
+        result = train_and_evaluate(config, workdir)
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -49,5 +55,16 @@ def main(argv):
         print(f"done: {result['steps']} steps; final {result['eval']}; outputs in {workdir}")
 
 
+def parse_flags(argv):
+    """absl parsing, but a bad flag or config override is one line and exit 1, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, or the AttributeError/KeyError of a bad override
+        text = " ".join(str(e).encode().decode("unicode_escape").split())
+        text = text[1:-1] if text[:1] == text[-1:] == "'" else text
+        print(f"error: bad flag or config override: {text}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,9 @@ def _env(devices: int) -> dict:
 
 
 def _cmd(workdir, *args):
-    return [sys.executable, "-m", "experiments.train", *PLANTED, f"--workdir={workdir}", *args]
+    own_config = any(a.startswith("--config=") for a in args)
+    return [sys.executable, "-m", "experiments.train", *([] if own_config else PLANTED),
+            f"--workdir={workdir}", *args]
 
 
 def _run(workdir, *args, devices=1, check=True):
@@ -107,14 +110,30 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, eigh
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--config.lora.rnak=8"], r"rnak"),
+        (["--config.lora.rnak=8"], r"^error: bad flag or config override: .rnak. Did you mean \"rank\""),
+        (["--config=configs/nope.py"], r"^error: cannot load config file configs/nope.py"),
         (["--config.lora.rank=0"], r"^error: rank=0; expected a positive integer$"),
         (["--config.mesh.tensor=3"], r"^error: mesh .* needs a multiple of 3 devices"),
+        (["--config.batch_size=60"], r"^error: microbatch of 60 examples is not divisible by the 8 batch"),
+        (["--config.lora.targets=layers_.*/kernal"], r"^error: target .* matches no parameter; closest"),
+        (["--config.method=half"], r"^error: method='half'; expected one of"),
+        (["--config=configs/r16.py", "--config.model.path=/no/such/model"], r"^error: .*/no/such/model"),
     ],
 )
-def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path, args, match):
-    proc = _run(tmp_path / "run", *args, check=False)
+def test_bad_input_is_one_line_a_nonzero_exit_and_nothing_written(tmp_path, args, match):
+    proc = _run(tmp_path / "run", *args, devices=8, check=False)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "rnak" in line or line.startswith("error:")]
-    assert lines and any(__import__("re").search(match, line) for line in lines), proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and re.search(match, lines[0]), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_workdir_of_another_config_is_refused_unless_resume_is_false(tmp_path):
+    _run(tmp_path, "--config.steps=2")
+    before = sorted(os.listdir(tmp_path))
+    proc = _run(tmp_path, "--config.steps=2", "--config.lora.rank=2", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: workdir {tmp_path} holds a run of a "
+                                                           "different config (differs in: lora)")
+    assert sorted(os.listdir(tmp_path)) == before
+    _run(tmp_path, "--config.steps=2", "--config.lora.rank=2", "--config.resume=False")
