@@ -31,12 +31,11 @@ def main(argv):
     # With OCDBT off (see lora_jax/checkpoint.py) Orbax warns at each save that it has nothing to merge.
     logging.get_absl_handler().addFilter(lambda record: "Skipping merge of OCDBT" not in record.getMessage())
 
-    if _NPROC.value and _NPROC.value > 1:
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    from lora_jax import cluster
     from lora_jax.errors import LoraError
     from lora_jax.trainer import train_and_evaluate
+
+    cluster.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     config_path = flags.FLAGS["config"].config_filename
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
