@@ -278,7 +278,7 @@ def build(config: Any, placer: Any, workdir: str) -> Any:
         return {name: float(v) for name, v in retrieval_metrics(q, k).items()}
 
     return Task(
-        fn=model.fn, params=model.params, source=model.source,
+        fn=model.fn, params=model.params, source=config.model.path,
         inputs=lambda b: (b["query_ids"], b["query_mask"]), loss=loss,
         batches=lambda position: iterate_batches(train_arrays, config.batch_size, config.seed, position),
         evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
