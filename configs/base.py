@@ -68,6 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.planted_rank.planted = r"layers_1/kernel"  # regex of the weights that get a planted update
     c.planted_rank.eval_examples = 512  # held-out inputs
     c.planted_rank.train_examples = 4096  # inputs per epoch (fresh draws; only sets the epoch length)
+
+    c.jsonl = ml_collections.ConfigDict()  # user data for the jsonl_classification / jsonl_sft tasks
+    c.jsonl.train = ""  # training .jsonl, one object per line: {text, label} or {prompt, completion}
+    c.jsonl.eval = ""  # held-out .jsonl with the same fields
+    c.jsonl.labels = ""  # classification: comma-separated labels in class-id order; "" = train file's, sorted
+    c.jsonl.max_len = 128  # tokens per example; longer ones are cut (sft: the prompt's start first)
+    c.jsonl.add_eos = True  # sft: end each completion with the model's EOS token, so it learns to stop
+    c.jsonl.max_train = 0  # use only the first N training lines; 0 = all
+    c.jsonl.max_eval = 0  # use only the first N held-out lines; 0 = all
+    c.jsonl.eval_batch = 64  # examples per evaluation forward
     return c
 
 
