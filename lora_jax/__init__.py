@@ -7,6 +7,7 @@ from lora_jax.adapters import merge as merge
 from lora_jax.adapters import trainable_fraction as trainable_fraction
 from lora_jax.adapters import unmerge as unmerge
 from lora_jax.errors import LoraError as LoraError
+from lora_jax.multi import stack_adapters as stack_adapters
 from lora_jax.spec import LoraSpec as LoraSpec
 from lora_jax.transform import apply as apply
 from lora_jax.transform import init as init
@@ -20,6 +21,7 @@ __all__ = [
     "count_params",
     "init",
     "merge",
+    "stack_adapters",
     "trainable_fraction",
     "unmerge",
 ]

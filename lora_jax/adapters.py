@@ -76,8 +76,12 @@ def adapter_items(adapters: PyTree) -> list[tuple[str, Adapter]]:
     return [(p, a) for p, a in flat_paths(adapters, is_leaf=is_adapter) if is_adapter(a)]
 
 
-def check_fits(params: PyTree, adapters: PyTree) -> dict[str, Adapter]:
-    """Map path -> Adapter, refusing adapters whose path or shapes do not fit `params`."""
+def check_fits(params: PyTree, adapters: PyTree, stacked: bool = False) -> dict[str, Adapter]:
+    """Map path -> Adapter, refusing adapters whose path or shapes do not fit `params`.
+
+    `stacked`: the adapters are a stack of K (from `lora_jax.stack_adapters`), A and B carrying
+    a leading adapter axis.
+    """
     weights = dict(flat_paths(params))
     found = {}
     for path, ad in adapter_items(adapters):
@@ -90,6 +94,9 @@ def check_fits(params: PyTree, adapters: PyTree) -> dict[str, Adapter]:
                 f"but the weight has shape {w_shape}"
             )
         want_a, want_b = ad.expected_shapes(w_shape)
+        if stacked:
+            k = ad.a.shape[0] if ad.a.ndim else 0
+            want_a, want_b = (k, *want_a), (k, *want_b)
         if tuple(ad.a.shape) != want_a or tuple(ad.b.shape) != want_b:
             raise LoraError(
                 f"adapter for '{path}' has A {tuple(ad.a.shape)}, B {tuple(ad.b.shape)}; "

@@ -76,6 +76,8 @@ class Context:
 
     allow_materialize: bool = False
     rng: jax.Array | None = None  # set only when dropout is active
+    rows: jax.Array | None = None  # mixed batch: each example's adapter (index into the stack)
+    row_mask: jax.Array | None = None  # mixed batch: 0 for examples without an adapter
     uses: list[Use] | None = None
     sites: int = 0
 
@@ -186,7 +188,7 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
             f"weight '{t.path}' is sliced by a scan along axis {orig}, but its adapter is not "
             "stacked on that axis; re-create the adapter with lora_jax.init on this function"
         )
-    i = t.stack_left.index(orig)
+    i = t.stack_left.index(orig) + (ctx.rows is not None)  # after a mixed batch's adapter axis
     a, b = jnp.moveaxis(t.a, i, 0), jnp.moveaxis(t.b, i, 0)
     return (t.w, a, b), lambda xs: dataclasses.replace(rest, w=xs[0], a=xs[1], b=xs[2])
 

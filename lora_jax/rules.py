@@ -18,7 +18,8 @@ from lora_jax.errors import LoraError
 from lora_jax.interpreter import HIGHER_ORDER, Context, Tracked, Use, bind, is_tracked
 
 R = "Z"  # einsum label of the rank axis
-_LABELS = string.ascii_letters.replace(R, "")
+EX = "Y"  # einsum label of the example axis in a mixed-adapter batch
+_LABELS = string.ascii_letters.replace(R, "").replace(EX, "")
 
 
 # ---------------------------------------------------------------- views of W
@@ -66,7 +67,7 @@ def _unsupported(eqn, invals, ctx: Context):
     if ctx.discovering:
         ctx.uses.extend(Use(t.path, name, "other") for t in tracked)
         invals = [x.w if is_tracked(x) else x for x in invals]
-    elif ctx.allow_materialize:
+    elif ctx.allow_materialize and ctx.rows is None:
         invals = [x.w + _delta_view(x) if is_tracked(x) else x for x in invals]
     else:
         raise LoraError(
@@ -122,12 +123,18 @@ def _dot_general(eqn, invals, ctx):
     x_lab = list(_LABELS[len(w_lab) : len(w_lab) + x.ndim])
     for xi, wi in zip((*xc, *xb), (*wc, *wb), strict=True):
         x_lab[xi] = w_lab[t.w_axes[wi]]
+    if ctx.rows is not None:
+        _check_rows(t, x, 0 in (*xc, *xb), ctx)
+        x_lab[0] = EX
     x_keep = [x_lab[i] for i in range(x.ndim) if i not in xc]
     stack_extra = [w_lab[o] for o in t.stack_left if w_lab[o] not in x_keep]
     stack_lab = "".join(w_lab[o] for o in t.stack_left)
     a_lab = stack_lab + "".join(w_lab[o] for o in lay.inputs) + R
     b_lab = stack_lab + R + "".join(w_lab[o] for o in lay.outputs)
-    (first, first_lab), (second, second_lab) = ((t.a, a_lab), (t.b, b_lab))[:: 1 if direct else -1]
+    a, b = t.a, t.b
+    if ctx.rows is not None:  # each example gathers its own adapter's factors (BGMV)
+        a, b, a_lab, b_lab = a[ctx.rows], b[ctx.rows], EX + a_lab, EX + b_lab
+    (first, first_lab), (second, second_lab) = ((a, a_lab), (b, b_lab))[:: 1 if direct else -1]
     mid_lab = "".join(x_keep + stack_extra) + R
     # dot_general's output order: batch, lhs free, rhs free.
     w_free = [w_lab[t.w_axes[i]] for i in range(len(t.w_axes)) if i not in (*wc, *wb)]
@@ -141,26 +148,36 @@ def _dot_general(eqn, invals, ctx):
     mid = jnp.einsum(f"{''.join(x_lab)},{first_lab}->{mid_lab}", x_in, first, precision=prec,
                      preferred_element_type=pref)
     mid = mid * jnp.asarray(t.scale, mid.dtype)
+    if ctx.rows is not None:  # rows with index -1 get no adapter
+        mid = mid * ctx.row_mask.astype(mid.dtype).reshape((-1,) + (1,) * (mid.ndim - 1))
     delta = jnp.einsum(f"{mid_lab},{second_lab}->{out_lab}", mid, second.astype(mid.dtype),
                        precision=prec, preferred_element_type=pref)
     return base + delta.astype(base.dtype)
+
+
+def _check_rows(t: Tracked, x, example_axis_used: bool, ctx: Context) -> None:
+    if example_axis_used or x.ndim == 0 or x.shape[0] != ctx.rows.shape[0]:
+        raise LoraError(
+            f"a mixed-adapter batch needs the {ctx.rows.shape[0]} examples on the leading axis of "
+            f"the activations that meet '{t.path}', but they have shape {tuple(x.shape)}"
+        )
 
 
 def _with_w(invals):
     return [x.w if is_tracked(x) else x for x in invals]
 
 
-def _as_kernel(t: Tracked, factor_axes: tuple[int, ...], out_axis: int):
+def _as_kernel(t: Tracked, a, factor_axes: tuple[int, ...], out_axis: int):
     """A laid out like W's view, with the rank axis standing where W's output axis is."""
     pos = {o: i for i, o in enumerate(factor_axes)}
     perm = [len(factor_axes) if o == out_axis else pos[o] for o in t.w_axes]
-    return jnp.transpose(t.a, perm)
+    return jnp.transpose(a, perm)
 
 
-def _contract_rank(mid, axis: int, t: Tracked):
+def _contract_rank(mid, axis: int, b, scale: float):
     """Replace `mid`'s rank axis at `axis` by W's output axis through B (scaled)."""
-    mid = jnp.moveaxis(mid, axis, -1) * jnp.asarray(t.scale, mid.dtype)
-    out = jnp.einsum("...r,ro->...o", mid, t.b.astype(mid.dtype))
+    mid = jnp.moveaxis(mid, axis, -1) * jnp.asarray(scale, mid.dtype)
+    out = jnp.einsum("...r,ro->...o", mid, b.astype(mid.dtype))
     return jnp.moveaxis(out, -1, axis)
 
 
@@ -177,12 +194,12 @@ def _conv(eqn, invals, ctx):
         ctx.uses.append(Use(t.path, "conv_general_dilated", "conv", contract, frozenset(), free,
                             t.sliced))
         return eqn.primitive.bind(x, t.w, **p)
-    if t.stack_left or contract != frozenset(t.layout.inputs):
+    if t.stack_left or contract != frozenset(t.layout.inputs) or ctx.rows is not None:
         return _unsupported(eqn, invals, ctx)
     base = eqn.primitive.bind(x, t.w, **p)
-    kernel_a = _as_kernel(t, t.layout.inputs, t.w_axes[out_feat]).astype(t.w.dtype)
+    kernel_a = _as_kernel(t, t.a, t.layout.inputs, t.w_axes[out_feat]).astype(t.w.dtype)
     mid = eqn.primitive.bind(_dropout(x, t, ctx), kernel_a, **p)
-    return base + _contract_rank(mid, dn.out_spec[1], t).astype(base.dtype)
+    return base + _contract_rank(mid, dn.out_spec[1], t.b, t.scale).astype(base.dtype)
 
 
 def _gather(eqn, invals, ctx):
@@ -204,13 +221,24 @@ def _gather(eqn, invals, ctx):
         return _unsupported(eqn, invals, ctx)
     base = eqn.primitive.bind(t.w, idx, **p)
     (out_axis,) = whole
-    kernel_a = _as_kernel(t, t.layout.inputs, t.w_axes[out_axis])
     sizes = list(p["slice_sizes"])
     sizes[out_axis] = t.a.shape[-1]
-    mid = eqn.primitive.bind(kernel_a, idx, **{**p, "slice_sizes": tuple(sizes)})
     kept = [i for i in range(t.w.ndim) if i not in dn.collapsed_slice_dims]
     rank_axis = dn.offset_dims[kept.index(out_axis)]
-    return base + _contract_rank(mid, rank_axis, t).astype(base.dtype)
+    if ctx.rows is None:
+        kernel_a = _as_kernel(t, t.a, t.layout.inputs, t.w_axes[out_axis])
+        mid = eqn.primitive.bind(kernel_a, idx, **{**p, "slice_sizes": tuple(sizes)})
+        return base + _contract_rank(mid, rank_axis, t.b, t.scale).astype(base.dtype)
+    # Mixed batch: the K tables stacked into one [K·V, r] table, indexed by k·V + id.
+    if indexed != [0] or idx.shape[0] != ctx.rows.shape[0] or rank_axis == 0:
+        return _unsupported(eqn, invals, ctx)
+    kernel_a = jax.vmap(lambda a: _as_kernel(t, a, t.layout.inputs, t.w_axes[out_axis]))(t.a)
+    flat = kernel_a.reshape(-1, *kernel_a.shape[2:])
+    offset = (ctx.rows * t.w.shape[0]).astype(idx.dtype).reshape((-1,) + (1,) * (idx.ndim - 1))
+    mid = eqn.primitive.bind(flat, idx + offset, **{**p, "slice_sizes": tuple(sizes)})
+    mid = mid * ctx.row_mask.astype(mid.dtype).reshape((-1,) + (1,) * (mid.ndim - 1))
+    delta = jax.vmap(lambda m, b: _contract_rank(m, rank_axis - 1, b, t.scale))(mid, t.b[ctx.rows])
+    return base + delta.astype(base.dtype)
 
 
 _RULES = {

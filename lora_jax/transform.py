@@ -126,14 +126,16 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
 
 
 def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.Array | None = None,
-          deterministic: bool = True, allow_materialize: bool = False) -> Any:
+          deterministic: bool = True, allow_materialize: bool = False,
+          adapter_index: jax.Array | None = None) -> Any:
     """fn(params, *args) with y = x·W + s·((x·A)·B) at every use of an adapted weight.
 
     W + ΔW is never formed unless `allow_materialize` is set and a use cannot be factored.
     Each adapter's dropout (from its spec) hits the LoRA branch's input when `rng` is given and
-    `deterministic` is False.
+    `deterministic` is False. With `adapter_index` (int [batch]; -1 = no adapter), `adapters` is
+    a stack from `lora_jax.stack_adapters` and example b uses adapter adapter_index[b].
     """
-    found = check_fits(params, adapters)
+    found = check_fits(params, adapters, stacked=adapter_index is not None)
     closed, out_tree, dyn = _trace(fn, params, args)
     vals = []
     for path, w in flat_paths(params):
@@ -146,6 +148,13 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
                             ad.dropout))
     use_dropout = rng is not None and not deterministic
     ctx = Context(allow_materialize=allow_materialize, rng=rng if use_dropout else None)
+    if adapter_index is not None:
+        index = jnp.asarray(adapter_index)
+        if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+            raise LoraError(
+                f"adapter_index must be a 1-d integer array; got {index.dtype}{list(index.shape)}"
+            )
+        ctx.rows, ctx.row_mask = jnp.maximum(index, 0), index >= 0
     outs = eval_closed(closed, [*vals, *dyn], ctx)
     for x in outs:
         if is_tracked(x):
