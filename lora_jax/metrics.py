@@ -27,11 +27,12 @@ class MetricWriter:
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _drop_rows_after(self, step: int) -> None:
-        """On resume, forget rows logged after the checkpoint we resume from (they get redone)."""
+        """On resume, forget rows logged after the checkpoint we resume from (they get redone);
+        a run that starts from scratch starts a fresh file."""
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            rows = [line for line in f if step > 0 and line.strip() and json.loads(line)["step"] <= step]
         with open(self.path, "w") as f:
             f.writelines(rows)
 
