@@ -23,18 +23,24 @@ from lora_jax.paths import flat_paths
 PyTree = Any
 
 
-def fingerprint(params: PyTree, source: str, method: str, lora: dict | None) -> dict:
+def base_fingerprint(params: PyTree, source: str) -> dict:
+    """Which base a set of adapters belongs to: its source id and a hash of its weights' paths,
+    shapes and dtypes (cheap: no weight values are read)."""
     structure = [(p, list(x.shape), str(x.dtype)) for p, x in flat_paths(params)]
     digest = hashlib.sha256(json.dumps(structure).encode()).hexdigest()[:16]
-    return {"base_source": source, "base_structure": digest, "method": method, "lora": lora}
+    return {"base_source": source, "base_structure": digest}
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def fingerprint(params: PyTree, source: str, method: str, lora: dict | None) -> dict:
+    return {**base_fingerprint(params, source), "method": method, "lora": lora}
+
+
+def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
+            out += differences(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
     return out
@@ -73,7 +79,7 @@ class RunCheckpoints:
         for step in steps:
             try:
                 meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-                diff = _differences(meta.get("fingerprint", {}), self.fingerprint)
+                diff = differences(meta.get("fingerprint", {}), self.fingerprint)
                 if diff:
                     raise LoraError(
                         f"checkpoint {step} in {self.directory} is for another run: " + "; ".join(diff)
