@@ -69,6 +69,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.planted_rank.eval_examples = 512  # held-out inputs
     c.planted_rank.train_examples = 4096  # inputs per epoch (fresh draws; only sets the epoch length)
 
+    c.causal_lm = ml_collections.ConfigDict()
+    c.causal_lm.source = "stdlib"  # pretraining corpus: stdlib | pydoc_topics | an installed package's name
+    c.causal_lm.target = "pydoc_topics"  # adaptation corpus (same choices)
+    c.causal_lm.train_on = "target"  # which corpus batches come from: source (pretrain) | target (adapt)
+    c.causal_lm.holdout = 0.1  # fraction of each corpus's documents held out for evaluation
+    c.causal_lm.seq_len = 128  # tokens per window (byte-level: bytes)
+    c.causal_lm.eval_windows = 256  # held-out windows per corpus at each evaluation
+    c.causal_lm.eval_batch = 32  # windows per evaluation forward
+    c.causal_lm.hidden_size = 192  # from-scratch base (model.path ""): width
+    c.causal_lm.intermediate_size = 512  # from-scratch base: SwiGLU width
+    c.causal_lm.layers = 4  # from-scratch base: decoder layers
+    c.causal_lm.heads = 3  # from-scratch base: attention heads (head_dim = hidden_size / heads)
+    c.causal_lm.base_dir = ""  # where pretraining exports the base; "" = ~/.cache/lora_jax/causal_lm_base-<hash>
+    c.causal_lm.base_config = "configs/lm/pretrain.py"  # pretrain config named when model.path is missing
+
     c.jsonl = ml_collections.ConfigDict()  # user data for the jsonl_classification / jsonl_sft tasks
     c.jsonl.train = ""  # training .jsonl, one object per line: {text, label} or {prompt, completion}
     c.jsonl.eval = ""  # held-out .jsonl with the same fields
