@@ -59,3 +59,13 @@ def test_mixed_batch_errors():
                        adapter_index=jnp.array([0, 1, -1]))
     with pytest.raises(lora_jax.LoraError, match=r"adapter 1 targets other weights than adapter 0"):
         lora_jax.stack_adapters([_adapters(mlp, 1)[0], {"w0": _adapters(mlp, 1)[0]["w0"]}])
+
+
+def test_mixed_batch_benchmark_runs_and_reports_all_three_ways():
+    from benchmarks import mixed_batch as mb
+
+    cfg = dict(mb.CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+    res = mb.measure(k=2, batch=4, seq=8, rank=2, repeats=1, config=cfg)
+    assert set(res["seconds"]) == {"mixed", "one_adapter", "loop_over_adapters"}
+    assert all(v > 0 for v in res["tokens_per_s"].values())
