@@ -113,3 +113,16 @@ def test_counts():
     assert n == 2 * (5 + 12) + 2 * (12 + 12) + 2 * (12 + 2)
     total = lora_jax.count_params(case.params)
     assert lora_jax.trainable_fraction(case.params, adapters) == pytest.approx(n / total)
+
+
+def test_bf16_unmerge_is_within_one_ulp_of_each_weight():
+    case, adapters = _setup("plain_mlp")
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), case.params)
+    merged = lora_jax.merge(params, zoo.randomize(adapters))
+    back = lora_jax.unmerge(merged, zoo.randomize(adapters))
+    for w, m, b in zip(jax.tree.leaves(params), jax.tree.leaves(merged), jax.tree.leaves(back)):
+        w32, m32, b32 = (np.asarray(x, np.float32) for x in (w, m, b))
+        assert b.dtype == jnp.bfloat16
+        # Two roundings, each at most half a bf16 ulp (2^-8 relative): of w + ΔW, then of w.
+        bound = 2.0**-9 * (np.abs(m32) + np.abs(w32))
+        assert np.all(np.abs(b32 - w32) <= bound)
