@@ -123,8 +123,8 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
     """Params with s·A·B folded into each targeted weight (computed in fp32, cast back).
 
     Merged inference costs exactly the base's forward. In bf16 the sum is rounded to bf16, so
-    `unmerge(merge(p, a), a)` differs from p by up to half a bf16 ulp of w + ΔW plus half of w:
-    2⁻⁹·(|w + ΔW| + |w|) per weight (in fp32, by fp32 rounding only).
+    `unmerge(merge(p, a), a)` differs from p by up to half a bf16 ulp of w + ΔW plus half of w's:
+    at most 2⁻⁸·(|w + ΔW| + |w|) per weight (in fp32, by fp32 rounding only).
     """
     return _fold(params, adapters, 1.0)
 
