@@ -4,6 +4,10 @@ Module names mirror Hugging Face (model/layers_3/self_attn/q_proj, mlp/gate_proj
 PEFT or safetensors key maps to a params path by renaming alone. Every projection is a plain
 nn.Dense with a 2-D [in, out] kernel used directly by dot_general; the tied head goes through
 `embed_tokens.attend`. That keeps the forward traceable by the LoRA jaxpr rewrite.
+
+Passing a `cache` (from `init_cache`) switches to incremental decoding: new K/V are written into
+fixed-size per-layer buffers at `cache["index"]` and queries attend over every filled slot, so
+one compiled step serves a whole generation. Without a cache the forward is unchanged.
 """
 
 from __future__ import annotations
@@ -109,30 +113,40 @@ def _dense(features: int, bias: bool, name: str) -> nn.Dense:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: each of the KV heads serves H/KV query heads."""
+    """Grouped-query attention: each of the KV heads serves H/KV query heads.
+
+    With `kv` (K and V cache buffers [B,S,KV,K]) the new keys/values are written at slot `index`
+    and the queries attend over all S slots; the updated buffers are returned with the output.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, allowed_BxTxT, cos_BxTxK, sin_BxTxK):
+    def __call__(self, x_BxTxD, allowed_BxTxS, cos_BxTxK, sin_BxTxK, kv=None, index=None):
         c = self.config
         B, T, _ = x_BxTxD.shape
         H, KV, K = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         G = H // KV
         q_BxTxHxK = _dense(H * K, c.qkv_bias, "q_proj")(x_BxTxD).reshape(B, T, H, K)
-        k_BxTxVxK = _dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD).reshape(B, T, KV, K)
-        v_BxTxVxK = _dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD).reshape(B, T, KV, K)
+        k_BxSxVxK = _dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD).reshape(B, T, KV, K)
+        v_BxSxVxK = _dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD).reshape(B, T, KV, K)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
-        k_BxTxVxK = apply_rope(k_BxTxVxK, cos_BxTxK, sin_BxTxK)
+        k_BxSxVxK = apply_rope(k_BxSxVxK, cos_BxTxK, sin_BxTxK)
+        if kv is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+            k_BxSxVxK = jax.lax.dynamic_update_slice(kv[0], k_BxSxVxK.astype(kv[0].dtype), start)
+            v_BxSxVxK = jax.lax.dynamic_update_slice(kv[1], v_BxSxVxK.astype(kv[1].dtype), start)
         q_BxTxVxGxK = q_BxTxHxK.reshape(B, T, KV, G, K)
-        scores_BxVxGxTxS = jnp.einsum("btvgk,bsvk->bvgts", q_BxTxVxGxK, k_BxTxVxK)
+        scores_BxVxGxTxS = jnp.einsum("btvgk,bsvk->bvgts", q_BxTxVxGxK, k_BxSxVxK)
         scores_BxVxGxTxS = scores_BxVxGxTxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
-        allowed_Bx1x1xTxS = allowed_BxTxT[:, None, None, :, :]
+        allowed_Bx1x1xTxS = allowed_BxTxS[:, None, None, :, :]
         neg = jnp.finfo(jnp.float32).min
         scores_BxVxGxTxS = jnp.where(allowed_Bx1x1xTxS, scores_BxVxGxTxS, neg)
-        probs_BxVxGxTxS = jax.nn.softmax(scores_BxVxGxTxS, axis=-1).astype(v_BxTxVxK.dtype)
-        out_BxTxVxGxK = jnp.einsum("bvgts,bsvk->btvgk", probs_BxVxGxTxS, v_BxTxVxK)
-        return _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxVxGxK.reshape(B, T, H * K))
+        probs_BxVxGxTxS = jax.nn.softmax(scores_BxVxGxTxS, axis=-1).astype(v_BxSxVxK.dtype)
+        out_BxTxVxGxK = jnp.einsum("bvgts,bsvk->btvgk", probs_BxVxGxTxS, v_BxSxVxK)
+        out_BxTxD = _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxVxGxK.reshape(B, T, H * K))
+        return out_BxTxD if kv is None else (out_BxTxD, (k_BxSxVxK, v_BxSxVxK))
 
 
 class MLP(nn.Module):
@@ -149,18 +163,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Signature (carry, *broadcast) -> (carry, None) so nn.scan can stack it."""
+    """Pre-norm block. Signature (carry, *broadcast) -> (carry, ys) so nn.scan can stack it;
+    ys is the layer's updated (K, V) cache when `kv` is given, else None."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, h_BxTxD, allowed_BxTxT, cos_BxTxK, sin_BxTxK):
+    def __call__(self, h_BxTxD, allowed_BxTxS, cos_BxTxK, sin_BxTxK, kv=None, index=None):
         c = self.config
         normed_BxTxD = RMSNorm(c.rms_norm_eps, name="input_layernorm")(h_BxTxD)
-        attn = Attention(c, name="self_attn")(normed_BxTxD, allowed_BxTxT, cos_BxTxK, sin_BxTxK)
+        attn = Attention(c, name="self_attn")(normed_BxTxD, allowed_BxTxS, cos_BxTxK, sin_BxTxK,
+                                              kv, index)
+        attn, new_kv = attn if kv is not None else (attn, None)
         h_BxTxD = h_BxTxD + attn
         normed_BxTxD = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h_BxTxD)
-        return h_BxTxD + MLP(c, name="mlp")(normed_BxTxD), None
+        return h_BxTxD + MLP(c, name="mlp")(normed_BxTxD), new_kv
 
 
 def attention_allowed(mask_BxT: jnp.ndarray, window: int | None) -> jnp.ndarray:
@@ -174,48 +191,108 @@ def attention_allowed(mask_BxT: jnp.ndarray, window: int | None) -> jnp.ndarray:
     return causal_TxT[None, :, :] & (mask_BxT[:, None, :] > 0)
 
 
+def cached_attention_allowed(
+    cache_mask_BxS: jnp.ndarray, index: jnp.ndarray, T: int, window: int | None
+) -> jnp.ndarray:
+    """[B,T,S] bool for T queries written at cache slots index..index+T-1 (slot order is time
+    order, and left padding keeps real tokens contiguous, so slot distance = position distance)."""
+    S = cache_mask_BxS.shape[1]
+    q_Tx1 = (index + jnp.arange(T, dtype=jnp.int32))[:, None]
+    k_1xS = jnp.arange(S, dtype=jnp.int32)[None, :]
+    causal_TxS = k_1xS <= q_Tx1
+    if window is not None:
+        causal_TxS = causal_TxS & (q_Tx1 - k_1xS < window)
+    return causal_TxS[None, :, :] & (cache_mask_BxS[:, None, :] > 0)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:
+    """Empty decode cache: K/V buffers [B,max_len,KV,K] per layer (stacked [L,...] when the
+    layers are scanned), the slot mask [B,max_len] and the next write slot `index`."""
+    c = config
+    shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
+    if c.scan_layers:
+        k = v = jnp.zeros((c.num_hidden_layers, *shape), dtype)
+    else:
+        k = v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers))
+    return {"k": k, "v": v, "mask": jnp.zeros((batch, max_len), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
 class LlamaModel(nn.Module):
     """Embeddings, the layer stack (scanned or unrolled, optionally remat'ed), final norm."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxT: jnp.ndarray, mask_BxT: jnp.ndarray):
+    def __call__(self, input_ids_BxT: jnp.ndarray, mask_BxT: jnp.ndarray,
+                 positions_BxT: jnp.ndarray | None = None, cache: dict | None = None):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
                          embedding_init=nn.initializers.normal(0.02))
         h_BxTxD = embed(input_ids_BxT)
         B, T = input_ids_BxT.shape
-        positions_BxT = jnp.broadcast_to(jnp.arange(T)[None, :], (B, T))
+        if positions_BxT is None:
+            steps_T = jnp.arange(T) if cache is None else cache["index"] + jnp.arange(T)
+            positions_BxT = jnp.broadcast_to(steps_T[None, :], (B, T))
         inv_freq_F = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         cos_BxTxK, sin_BxTxK = rope_tables(positions_BxT, inv_freq_F)
-        allowed_BxTxT = attention_allowed(mask_BxT, c.sliding_window)
+        index = None
+        if cache is None:
+            allowed_BxTxS = attention_allowed(mask_BxT, c.sliding_window)
+        else:
+            index = cache["index"]
+            zero = jnp.zeros((), jnp.int32)
+            cache_mask_BxS = jax.lax.dynamic_update_slice(
+                cache["mask"], mask_BxT.astype(jnp.int32), (zero, index))
+            allowed_BxTxS = cached_attention_allowed(cache_mask_BxS, index, T, c.sliding_window)
+        rope = (allowed_BxTxS, cos_BxTxK, sin_BxTxK)
         layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat \
             else DecoderLayer
         if c.scan_layers:
+            in_axes = (nn.broadcast,) * 3 + ((0, nn.broadcast) if cache is not None else ())
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                            length=c.num_hidden_layers)
-            h_BxTxD, _ = stack(c, name="layers")(h_BxTxD, allowed_BxTxT, cos_BxTxK, sin_BxTxK)
+                            in_axes=in_axes, length=c.num_hidden_layers)
+            extra = () if cache is None else ((cache["k"], cache["v"]), index)
+            h_BxTxD, kv = stack(c, name="layers")(h_BxTxD, *rope, *extra)
+            new_k, new_v = kv if cache is not None else (None, None)
         else:
+            ks, vs = [], []
             for i in range(c.num_hidden_layers):
                 layer = layer_cls(c, name=f"layers_{i}")
-                h_BxTxD, _ = layer(h_BxTxD, allowed_BxTxT, cos_BxTxK, sin_BxTxK)
-        return RMSNorm(c.rms_norm_eps, name="norm")(h_BxTxD), embed
+                extra = () if cache is None else ((cache["k"][i], cache["v"][i]), index)
+                h_BxTxD, kv = layer(h_BxTxD, *rope, *extra)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            new_k, new_v = tuple(ks), tuple(vs)
+        h_BxTxD = RMSNorm(c.rms_norm_eps, name="norm")(h_BxTxD)
+        if cache is None:
+            return h_BxTxD, embed
+        new_cache = {"k": new_k, "v": new_v, "mask": cache_mask_BxS, "index": index + T}
+        return h_BxTxD, embed, new_cache
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder plus LM head; returns logits [B,T,V]. A tied head reuses embed_tokens."""
+    """Decoder plus LM head; returns logits [B,T,V]. A tied head reuses embed_tokens.
+
+    With `cache` it returns (logits, updated cache); `positions_BxT` are the RoPE positions
+    (default: 0..T-1, or continuing from the cache's write slot).
+    """
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(
-        self, input_ids_BxT: jnp.ndarray, attention_mask_BxT: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
+        self, input_ids_BxT: jnp.ndarray, attention_mask_BxT: jnp.ndarray | None = None,
+        positions_BxT: jnp.ndarray | None = None, cache: dict | None = None,
+    ) -> Any:
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
-        h_BxTxD, embed = LlamaModel(self.config, name="model")(input_ids_BxT, attention_mask_BxT)
+        out = LlamaModel(self.config, name="model")(input_ids_BxT, attention_mask_BxT,
+                                                    positions_BxT, cache)
+        h_BxTxD, embed = out[0], out[1]
         if self.config.tie_word_embeddings:
-            return embed.attend(h_BxTxD)
-        return _dense(self.config.vocab_size, False, "lm_head")(h_BxTxD)
+            logits_BxTxV = embed.attend(h_BxTxD)
+        else:
+            logits_BxTxV = _dense(self.config.vocab_size, False, "lm_head")(h_BxTxD)
+        return logits_BxTxV if cache is None else (logits_BxTxV, out[2])
