@@ -1,0 +1,221 @@
+"""Per-device memory of LoRA vs full fine-tuning at real model sizes, without any weights.
+
+    python -m benchmarks.plan --model llama3-8b --mesh fsdp=8 --rank 16
+    python -m benchmarks.plan --model llama3-70b --mesh data=2,fsdp=8,tensor=4 --batch 16 --seq 4096
+
+The trainer's own step (make_train_step, model_apply, make_optimizer, the sharding rules) is
+built on jax.eval_shape params of the true shapes, compiled ahead of time for a mesh of fake
+CPU devices, and XLA's memory analysis of that executable is set beside a hand count of
+weights, gradients, optimizer state and activations. Nothing the size of the model is allocated.
+CPU caveat: XLA:CPU has no bf16 matmul, so it converts bf16 operands to f32; temporaries of a
+GPU/TPU compile of the same step are somewhat smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+    "tinyllama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      rope_theta=500000.0),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       rope_theta=500000.0),
+}
+TARGETS = {"qv": r".*/(q_proj|v_proj)/kernel",
+           "all": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"}
+
+
+def hf_config(model: str) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+            **PRESETS[model]}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition("=")
+        if name not in sizes:
+            raise SystemExit(f"mesh axis {name!r}: expected data, fsdp or tensor")
+        sizes[name] = int(n)
+    return sizes
+
+
+def _per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` laid out by `shardings` (the hand count of the layout)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+    return total
+
+
+def _like(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:
+    """Optimizer-state shardings as the trainer makes them: a moment is sharded like its param."""
+    import jax
+
+    by_path = {jax.tree_util.keystr(kp): (x.shape, s) for (kp, x), s in
+               zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh))}
+
+    def pick(kp, leaf):
+        key = jax.tree_util.keystr(kp)
+        for suffix, (shape, s) in by_path.items():
+            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
+                return s
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
+def _activations(c: Any, mesh: dict, batch: int, seq: int, dsize: int, remat: bool) -> int:
+    """Hand count of activation bytes per device at the backward's peak."""
+    b = batch / (mesh["data"] * mesh["fsdp"])
+    tp = mesh["tensor"]
+    D, F, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    H, V = c.num_attention_heads, c.vocab_size
+    kv = c.num_key_value_heads * c.head_dim
+    layer = b * seq * (3 * D + 2 * kv + 3 * F / tp) * dsize + b * H / tp * seq * seq * (4 + 4 + dsize)
+    saved = L * b * seq * D * dsize if remat else L * layer
+    logits = b * seq * V / tp * (dsize + 4 + 4)
+    return int(saved + layer + logits)
+
+
+def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8, seq: int = 2048,
+         dtype: str = "bfloat16", targets: str = "all", remat: bool = True, scan: bool = True) -> dict:
+    """Compile the LoRA and full steps for the mesh; their per-device bytes and the hand count."""
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax
+    from benchmarks.common import optimizer_config
+    from benchmarks.steps import lm_loss
+    from lora_jax import sharding as shd
+    from lora_jax.models import build_module
+    from lora_jax.models.loading import param_shapes
+    from lora_jax.paths import flat_paths, nest
+    from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
+
+    n = math.prod(mesh_sizes.values())
+    if jax.device_count() < n:
+        raise SystemExit(f"mesh needs {n} devices, JAX sees {jax.device_count()} "
+                         "(run as `python -m benchmarks.plan`, which fakes them)")
+    mesh = shd.make_mesh(mesh_sizes, jax.devices()[:n])
+    _, module, c = build_module(hf_config(model), scan_layers=scan, remat=remat)
+    placer, sds = shd.param_sharding(mesh), jax.ShapeDtypeStruct
+    flat = {p: sds(s.shape, jnp.dtype(dtype), sharding=placer(p, s.shape))
+            for p, s in flat_paths(param_shapes(module))}
+    params = nest(flat)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    fn = lambda p, ids, mask: module.apply(p, ids, mask)
+    bsh, repl = shd.batch_sharding(mesh), shd.replicated(mesh)
+    batch_ = {"ids": sds((batch, seq), jnp.int32, sharding=bsh),
+              "mask": sds((batch, seq), jnp.int32, sharding=bsh)}
+    tx, schedule = make_optimizer(optimizer_config(), 1000)
+    spec = lora_jax.LoraSpec(targets=TARGETS[targets], rank=rank, alpha=2.0 * rank)
+    out: dict[str, Any] = {"model": model, "mesh": mesh_sizes, "devices": n, "rank": rank,
+                           "batch": batch, "seq": seq, "dtype": dtype, "targets": targets,
+                           "remat": remat, "scan_layers": scan, "config": PRESETS[model],
+                           "params": lora_jax.count_params(params)}
+    dsize = jnp.dtype(dtype).itemsize
+    weights_dev = _per_device(params, param_sh)
+    act = _activations(c, mesh_sizes, batch, seq, dsize, remat)
+    for method in ("lora", "full"):
+        t0 = time.perf_counter()
+        if method == "lora":
+            adapters = jax.eval_shape(
+                lambda p, b: lora_jax.init(jax.random.key(0), fn, p, b["ids"], b["mask"], spec=spec),
+                params, batch_)
+            ad_sh = lora_jax.adapter_shardings(adapters, param_sh)
+            trainable, tr_sh = {"adapters": adapters, "extra": {}}, {"adapters": ad_sh, "extra": {}}
+            frozen, frozen_sh = params, param_sh
+        else:
+            trainable, tr_sh, frozen, frozen_sh = params, param_sh, {}, {}
+        opt = jax.eval_shape(tx.init, trainable)
+        opt_sh = _like(opt, trainable, tr_sh, repl)
+        rng = jax.eval_shape(lambda: jax.random.key(0))
+        state = TrainState(step=sds((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=opt,
+                           rng=rng)
+        state_sh = TrainState(step=repl, trainable=tr_sh, frozen=frozen_sh, opt_state=opt_sh, rng=repl)
+        state = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), state, state_sh)
+        step = make_train_step(model_apply(method, fn), lm_loss, tx, schedule, 1, use_rng=False)
+        compiled = jax.jit(step, in_shardings=(state_sh, {k: bsh for k in batch_}),
+                           out_shardings=(state_sh, repl), donate_argnums=0).lower(state, batch_).compile()
+        mem = compiled.memory_analysis()
+        tr_dev = _per_device(trainable, tr_sh)
+        opt_dev = _per_device(opt, opt_sh)
+        hand = {"weights": weights_dev, "trainable": tr_dev, "optimizer": opt_dev,
+                "gradients": tr_dev, "activations_est": act,
+                "state_bytes": (weights_dev if method == "lora" else 0) + tr_dev + opt_dev}
+        hand["temp_est"] = hand["gradients"] + act
+        out[method] = {"argument_bytes": int(mem.argument_size_in_bytes),
+                       "temp_bytes": int(mem.temp_size_in_bytes),
+                       "output_bytes": int(mem.output_size_in_bytes),
+                       "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
+                       "trainable_params": lora_jax.count_params(trainable),
+                       "compile_s": time.perf_counter() - t0, "hand": hand}
+        out[method]["total_bytes"] = out[method]["argument_bytes"] + out[method]["temp_bytes"]
+    out["lora_over_full"] = out["lora"]["total_bytes"] / out["full"]["total_bytes"]
+    return out
+
+
+def table(res: dict) -> str:
+    g = lambda n: f"{n / 2**30:8.2f}"
+    lines = [f"{res['model']} ({res['params'] / 1e9:.2f}B params, {res['dtype']}), mesh {res['mesh']}, "
+             f"batch {res['batch']} x seq {res['seq']}, LoRA r={res['rank']} on {res['targets']}, "
+             f"remat={res['remat']}  -- GiB per device",
+             f"{'':6}{'args':>9}{'temp':>9}{'total':>9} | hand: {'weights':>8}{'train':>8}{'optim':>8}"
+             f"{'grads':>8}{'act':>8}"]
+    for m in ("lora", "full"):
+        r, h = res[m], res[m]["hand"]
+        lines.append(f"{m:6}{g(r['argument_bytes'])} {g(r['temp_bytes'])} {g(r['total_bytes'])} |       "
+                     f"{g(h['weights'])}{g(h['trainable'])}{g(h['optimizer'])}{g(h['gradients'])}"
+                     f"{g(h['activations_est'])}")
+    lines.append(f"LoRA / full per-device memory: {res['lora_over_full']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama3-8b", choices=sorted(PRESETS))
+    parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8 or data=2,fsdp=4,tensor=2")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8, help="global batch")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
+    parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--no-scan", action="store_true", help="unrolled layers (slow to compile)")
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args(argv)
+    sizes = parse_mesh(args.mesh)
+    if "jax" not in sys.modules:  # fake the mesh's devices before JAX starts
+        n = math.prod(sizes.values())
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    res = plan(args.model, sizes, args.rank, args.batch, args.seq, args.dtype, args.targets,
+               not args.no_remat, not args.no_scan)
+    print(table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
