@@ -27,14 +27,17 @@ CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size
               tie_word_embeddings=False)
 
 
-def _median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, timed in turn each round so machine drift hits all alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def measure(k: int = 8, batch: int = 16, seq: int = 128, rank: int = 16, repeats: int = 10,
@@ -56,9 +59,10 @@ def measure(k: int = 8, batch: int = 16, seq: int = 128, rank: int = 16, repeats
     def loop(ids, mask):
         return [single(ads[j], ids[r], mask[r]) for j, r in enumerate(rows)]
 
-    t_mixed = _median_time(mixed, stacked, index, ids, mask, repeats=repeats)
-    t_single = _median_time(single, ads[0], ids, mask, repeats=repeats)
-    t_loop = _median_time(loop, ids, mask, repeats=repeats)
+    t = _interleaved_medians({"mixed": (mixed, (stacked, index, ids, mask)),
+                              "one_adapter": (single, (ads[0], ids, mask)),
+                              "loop_over_adapters": (loop, (ids, mask))}, repeats)
+    t_mixed, t_single, t_loop = t["mixed"], t["one_adapter"], t["loop_over_adapters"]
     tokens = batch * seq
     return {
         "config": dict(adapters=k, batch=batch, seq=seq, rank=rank, hidden=(config or CONFIG)["hidden_size"]),
