@@ -90,6 +90,23 @@ def to_device(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def like_params(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:
+    """Shardings for optimizer state: a leaf that mirrors a param (its key path ends with the
+    param's, same shape; the longest such path wins) is sharded like it; counters and the like
+    get `default`."""
+    by_path = {}
+    for (kp, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh)):
+        by_path[jax.tree_util.keystr(kp)] = (x.shape, s)
+
+    def pick(kp, leaf):
+        key = jax.tree_util.keystr(kp)
+        matches = [(len(suffix), s) for suffix, (shape, s) in by_path.items()
+                   if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape)]
+        return max(matches, key=lambda m: m[0])[1] if matches else default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
 def place(tree, shardings):
     """Put host-side or single-device values onto (possibly multi-process) shardings."""
     return jax.tree.map(lambda x, s: to_device(np.asarray(x), s), tree, shardings)

@@ -96,7 +96,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     # ---- Optimizer state lives only on the trainable tree, sharded like it.
     tx, schedule = make_optimizer(config.optimizer, steps)
     repl = shd.replicated(mesh)
-    opt_sh = _like_params(jax.eval_shape(tx.init, trainable), trainable, trainable_sh, repl)
+    opt_sh = shd.like_params(jax.eval_shape(tx.init, trainable), trainable, trainable_sh, repl)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     step0, rng = jax.jit(lambda: (jnp.int32(0), jax.random.fold_in(jax.random.key(config.seed), 2)),
                          out_shardings=(repl, repl))()
@@ -207,23 +207,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     writer.close()
     return {"steps": steps, "start_step": start, "eval": last_eval, "step_traces": len(traces),
             "trainable": state.trainable, "workdir": workdir}
-
-
-def _like_params(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:
-    """Shardings for optimizer state: a leaf that mirrors a param (its key path ends with the
-    param's, same shape) is sharded like it; counters and the like are replicated."""
-    by_path = {}
-    for (kp, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh)):
-        by_path[jax.tree_util.keystr(kp)] = (x.shape, s)
-
-    def pick(kp, leaf):
-        key = jax.tree_util.keystr(kp)
-        for suffix, (shape, s) in by_path.items():
-            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
-                return s
-        return default
-
-    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
 def _make_forward(apply_fn, mesh):
