@@ -104,12 +104,7 @@ def _config(module, model_path: str, train: str, heldout: str, **overrides):
     c.batch_size, c.steps, c.log_every, c.ckpt_every = 16, 30, 10, 30
     c.optimizer.warmup_steps = 3
     c.jsonl.max_len, c.jsonl.eval_batch = 16, 24  # 64 held-out lines: the last chunk is padded
-    for key, value in overrides.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -21,12 +21,7 @@ def tiny(**overrides):
     c.planted_rank.width = 128  # base 3x128x128 weights, far larger than the rank-4 adapters
     c.steps, c.ckpt_every, c.log_every = 12, 6, 3
     c.optimizer.warmup_steps = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
