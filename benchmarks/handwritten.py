@@ -19,12 +19,22 @@ from benchmarks.steps import Bench, Model, copy_tree
 from lora_jax.train_step import make_optimizer
 
 
+def _mm(spec: str, x: jax.Array, w: jax.Array, dot_dtype: Any) -> jax.Array:
+    """einsum in fp32, or with operands in `dot_dtype` and fp32 accumulation and output: the
+    form XLA:CPU sends to the AMX/avx512_bf16 kernels (bf16 in -> bf16 out does not)."""
+    if dot_dtype is None:
+        return jnp.einsum(spec, x, w)
+    return jnp.einsum(spec, x.astype(dot_dtype), w.astype(dot_dtype),
+                      preferred_element_type=jnp.float32)
+
+
 class LoraDense(nn.Module):
     """y = x·W + b + (α/r)·(x·A)·B, A kaiming-uniform, B zero (PEFT's layout and init)."""
 
     features: int
     rank: int
     alpha: float
+    dot_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -34,18 +44,19 @@ class LoraDense(nn.Module):
         bound = 1.0 / d_in**0.5
         a = self.param("lora_a", nn.initializers.uniform(2 * bound), (d_in, self.rank))
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-        y = x @ kernel + bias[None, None, :]
+        y = _mm("btd,df->btf", x, kernel, self.dot_dtype) + bias[None, None, :]
         return y + (self.alpha / self.rank) * ((x @ a) @ b)
 
 
 class Dense(nn.Module):
     features: int
+    dot_dtype: Any = None
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return x @ kernel + bias[None, None, :]
+        return _mm("btd,df->btf", x, kernel, self.dot_dtype) + bias[None, None, :]
 
 
 class Block(nn.Module):
@@ -57,27 +68,31 @@ class Block(nn.Module):
     rank: int
     alpha: float
     eps: float
+    dot_dtype: Any = None
 
     @nn.compact
     def __call__(self, h, mask):
         B, T, D = h.shape
         H, K = self.heads, D // self.heads
+        dt = self.dot_dtype
         ln = lambda name: nn.LayerNorm(epsilon=self.eps, name=name)
-        q = LoraDense(D, self.rank, self.alpha, name="attention/self/query")(h).reshape(B, T, H, K)
-        k = Dense(D, name="attention/self/key")(h).reshape(B, T, H, K)
-        v = LoraDense(D, self.rank, self.alpha, name="attention/self/value")(h).reshape(B, T, H, K)
-        s = jnp.einsum("bthk,bshk->bhts", q, k) / jnp.sqrt(jnp.float32(K))
+        lora = lambda name: LoraDense(D, self.rank, self.alpha, dt, name=f"attention/self/{name}")
+        q = lora("query")(h).reshape(B, T, H, K)
+        k = Dense(D, dt, name="attention/self/key")(h).reshape(B, T, H, K)
+        v = lora("value")(h).reshape(B, T, H, K)
+        s = _mm("bthk,bshk->bhts", q, k, dt) / jnp.sqrt(jnp.float32(K))
         s = jnp.where((mask > 0)[:, None, None, :], s, jnp.finfo(jnp.float32).min)
-        ctx = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, axis=-1), v).reshape(B, T, D)
-        h = ln("attention/output/LayerNorm")(h + Dense(D, name="attention/output/dense")(ctx))
-        up = jax.nn.gelu(Dense(self.inter, name="intermediate/dense")(h), approximate=False)
-        return ln("output/LayerNorm")(h + Dense(D, name="output/dense")(up))
+        ctx = _mm("bhts,bshk->bthk", jax.nn.softmax(s, axis=-1), v, dt).reshape(B, T, D)
+        h = ln("attention/output/LayerNorm")(h + Dense(D, dt, name="attention/output/dense")(ctx))
+        up = jax.nn.gelu(Dense(self.inter, dt, name="intermediate/dense")(h), approximate=False)
+        return ln("output/LayerNorm")(h + Dense(D, dt, name="output/dense")(up))
 
 
 class LoraBert(nn.Module):
     cfg: Any
     rank: int
     alpha: float
+    dot_dtype: Any = None
 
     @nn.compact
     def __call__(self, ids, mask):
@@ -91,7 +106,7 @@ class LoraBert(nn.Module):
         h = nn.LayerNorm(epsilon=c.layer_norm_eps, name="embeddings/LayerNorm")(h)
         for i in range(c.num_hidden_layers):
             h = Block(c.hidden_size, c.num_attention_heads, c.intermediate_size, self.rank,
-                      self.alpha, c.layer_norm_eps, name=f"encoder/layer_{i}")(h, mask)
+                      self.alpha, c.layer_norm_eps, self.dot_dtype, name=f"encoder/layer_{i}")(h, mask)
         return h
 
 
@@ -101,9 +116,14 @@ def _flat(tree: Any) -> dict:
     return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def build(model: Model, config: Any, rank: int = 16, alpha: float = 32.0) -> Bench:
-    """The hand-written step: grads w.r.t. lora_a/lora_b only, the trainer's optimizer, donated."""
-    module = LoraBert(config, rank, alpha)
+def build(model: Model, config: Any, rank: int = 16, alpha: float = 32.0,
+          dot_dtype: Any = None) -> Bench:
+    """The hand-written step: grads w.r.t. lora_a/lora_b only, the trainer's optimizer, donated.
+
+    `dot_dtype=jnp.bfloat16` runs the frozen matmuls in bf16 with fp32 accumulation (weights stay
+    fp32 in memory): a probe of what bf16 compute would buy, not a like-for-like baseline.
+    """
+    module = LoraBert(config, rank, alpha, dot_dtype)
     batch = {k: jnp.asarray(v) for k, v in model.batch.items()}
     init = jax.jit(module.init)(jax.random.key(1), batch["query_ids"], batch["query_mask"])
     loaded = _flat(copy_tree(model.params))
@@ -136,5 +156,6 @@ def build(model: Model, config: Any, rank: int = 16, alpha: float = 32.0) -> Ben
     state = (trainable, frozen, jax.jit(tx.init)(trainable), jnp.int32(0))
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     info = {"method": "lora (hand-written)", **compiled_costs(compiled),
+            "dot_dtype": None if dot_dtype is None else jnp.dtype(dot_dtype).name,
             "trainable_bytes": tree_bytes(trainable), "optimizer_bytes": tree_bytes(state[2])}
     return Bench("minilm/handwritten", compiled, state, batch, info)

@@ -111,11 +111,13 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
     from lora_jax.paths import flat_paths, nest
     from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 
+    mesh_sizes = {"data": 1, "fsdp": 1, "tensor": 1, **mesh_sizes}
     n = math.prod(mesh_sizes.values())
     if jax.device_count() < n:
         raise SystemExit(f"mesh needs {n} devices, JAX sees {jax.device_count()} "
                          "(run as `python -m benchmarks.plan`, which fakes them)")
     mesh = shd.make_mesh(mesh_sizes, jax.devices()[:n])
+    shd.check_batch(batch, 1, mesh)  # the trainer's own check: batch splits over data x fsdp
     _, module, c = build_module(hf_config(model), scan_layers=scan, remat=remat)
     placer, sds = shd.param_sharding(mesh), jax.ShapeDtypeStruct
     flat = {p: sds(s.shape, jnp.dtype(dtype), sharding=placer(p, s.shape))

@@ -132,7 +132,15 @@ def markdown(res: dict) -> str:
           f"median time) = {_f(c['fraction'])} of the matmul rate",
           f"- hand-written Flax LoRA step: {_f(mn['handwritten']['median_s'])} s, "
           f"{_f(mn['handwritten']['xla_flops'] / 1e9)} XLA GFLOP; lora_jax / hand-written time = "
-          f"{_f(mn['vs_handwritten'])}", ""]
+          f"{_f(mn['vs_handwritten'])}"]
+    if "bf16_probe" in mn:
+        pb = mn["bf16_probe"]
+        peft = mn.get("peft", {}).get("lora", {}).get("median_s")
+        L.append(f"- probe, not a target: the hand-written step with its frozen matmuls in bf16 (fp32 "
+                 f"accumulation, the AMX path of XLA:CPU): {_f(pb['median_s'])} s = "
+                 f"{_f(pb['over_handwritten_fp32'])} x the fp32 hand-written step"
+                 + (f", {_f(pb['median_s'] / peft)} x PEFT" if peft else ""))
+    L.append("")
     s = res["scaling"]
     L += [SECTIONS[4], "", f"Config: {s['config']}. Log-log slopes (time, analytic FLOPs): "
           + ", ".join(f"{k}: {_f(a)}, {_f(b)}" for k, (a, b) in s["slopes"].items()), ""]

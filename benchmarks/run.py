@@ -23,11 +23,11 @@ import numpy as np
 FULL = dict(minilm_batch=32, query_len=64, code_len=128, steps=10, threads=2,
             widths=(256, 512, 1024), llama_layers=4, llama_batch=4, llama_seq=128, vocab=8192,
             sweep_width=512, ranks=(1, 4, 16, 64, 256), seqs=(64, 128, 256, 512), sweep_steps=5,
-            inference_reps=10, matmul_n=2048)
+            inference_reps=10, matmul_n=2048, bf16_probe=True)
 SMOKE = dict(minilm_batch=4, query_len=16, code_len=32, steps=2, threads=2,
              widths=(32, 64), llama_layers=1, llama_batch=2, llama_seq=32, vocab=512,
              sweep_width=32, ranks=(1, 4), seqs=(16, 32), sweep_steps=2, inference_reps=2,
-             matmul_n=256)
+             matmul_n=256, bf16_probe=False)
 
 
 def tiny_bert_dir(directory: str) -> str:

@@ -54,7 +54,12 @@ def minilm_group(size: dict, model_dir: str | None) -> dict:
     full = steps.build(model, "full", name="ours/full")
     hand = handwritten.build(model, load(path).config, 16, 32.0)
     hand.name = "handwritten/lora"
-    runners = {x.name: x.run for x in (lora, full, hand)}
+    benches = [lora, full, hand]
+    if size.get("bf16_probe"):
+        probe = handwritten.build(model, load(path).config, 16, 32.0, dot_dtype=jnp.bfloat16)
+        probe.name = "handwritten/lora-bf16-dots"
+        benches.append(probe)
+    runners = {x.name: x.run for x in benches}
     peft_info: dict[str, Any] = {}
     why_not = torch_peft.available()
     if why_not is None:
@@ -72,6 +77,10 @@ def minilm_group(size: dict, model_dir: str | None) -> dict:
                            "lora_vs_full": _pair(lora, full, times),
                            "handwritten": {**hand.info, **times[hand.name]}}
     out["vs_handwritten"] = ratio(times[lora.name]["median_s"], times[hand.name]["median_s"])
+    if size.get("bf16_probe"):
+        out["bf16_probe"] = {**probe.info, **times[probe.name],
+                             "over_handwritten_fp32": ratio(times[probe.name]["median_s"],
+                                                            times[hand.name]["median_s"])}
     if peft_info:
         out["peft"] = {m: {**peft_info[m], **times[f"peft/{m}"]} for m in peft_info}
         out["vs_peft"] = {m: ratio(times[f"ours/{m}"]["median_s"], times[f"peft/{m}"]["median_s"])
