@@ -188,6 +188,11 @@ def table(res: dict) -> str:
         lines.append(f"{m:6}{g(r['argument_bytes'])} {g(r['temp_bytes'])} {g(r['total_bytes'])} |       "
                      f"{g(h['weights'])}{g(h['trainable'])}{g(h['optimizer'])}{g(h['gradients'])}"
                      f"{g(h['activations_est'])}")
+    for m in ("lora", "full"):
+        r, h = res[m], res[m]["hand"]
+        lines.append(f"{m}: compiled args / hand-counted state (weights+trainable+optimizer) "
+                     f"{r['argument_bytes'] / h['state_bytes']:.3f}; compiled temp / hand (grads + "
+                     f"activations) {r['temp_bytes'] / h['temp_est']:.2f}")
     lines.append(f"LoRA / full per-device memory: {res['lora_over_full']:.3f}")
     return "\n".join(lines)
 
