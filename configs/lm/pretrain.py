@@ -1,11 +1,15 @@
 """Pretrain the causal_lm base: a byte-level Llama (~1.8M params) on the stdlib's .py sources.
 
-    python -m experiments.pretrain --config=configs/lm/pretrain.py          # ~20 min on 2 CPU cores
+    python -m experiments.pretrain --config=configs/lm/pretrain.py          # ~10 CPU-minutes
     python -m experiments.pretrain --config=configs/lm/pretrain.py:smoke    # 20 steps, a minute
 
 The result is an HF directory (config.json, model.safetensors, tokenizer.json) at
 lora_jax.pretrain.base_dir(config), ~/.cache/lora_jax/causal_lm_base-<hash of the weight-deciding
 fields>; a second run finds it and returns at once. configs/lm/lora.py and full.py adapt it.
+
+Measured (1000 steps, 2 cores shared with other jobs, load ~10): 22 min wall, 11.6 CPU-min;
+held-out loss (nats/byte) source 1.42, target 1.84. Adapting 300 steps to the target:
+LoRA r=16 target 1.84 -> 1.47, source 1.42 -> 1.74; full target 1.84 -> 1.44, source -> 1.70.
 """
 
 from configs import base
