@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds adapter init, dropout and data order
-    c.task = "code_search"  # module in lora_jax/tasks: code_search | planted_rank | ...
+    c.task = "code_search"  # module in lora_jax/tasks: code_search, planted_rank, causal_lm, jsonl_*
     c.method = "lora"  # lora (train adapters only) | full (fine-tune every weight, same loop)
     c.resume = True  # resume from <workdir>/ckpt; False starts over, clearing that workdir's run
 
