@@ -66,23 +66,6 @@ def _per_device(tree: Any, shardings: Any) -> int:
     return total
 
 
-def _like(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:
-    """Optimizer-state shardings as the trainer makes them: a moment is sharded like its param."""
-    import jax
-
-    by_path = {jax.tree_util.keystr(kp): (x.shape, s) for (kp, x), s in
-               zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh))}
-
-    def pick(kp, leaf):
-        key = jax.tree_util.keystr(kp)
-        for suffix, (shape, s) in by_path.items():
-            if key.endswith(suffix) and tuple(leaf.shape) == tuple(shape):
-                return s
-        return default
-
-    return jax.tree_util.tree_map_with_path(pick, opt_shapes)
-
-
 def _activations(c: Any, mesh: dict, batch: int, seq: int, dsize: int, remat: bool) -> int:
     """Hand count of activation bytes per device at the backward's peak."""
     b = batch / (mesh["data"] * mesh["fsdp"])
@@ -149,7 +132,7 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
         else:
             trainable, tr_sh, frozen, frozen_sh = params, param_sh, {}, {}
         opt = jax.eval_shape(tx.init, trainable)
-        opt_sh = _like(opt, trainable, tr_sh, repl)
+        opt_sh = shd.like_params(opt, trainable, tr_sh, repl)  # as the trainer shards them
         rng = jax.eval_shape(lambda: jax.random.key(0))
         state = TrainState(step=sds((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=opt,
                            rng=rng)

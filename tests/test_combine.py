@@ -88,6 +88,18 @@ def test_svd_reproduces_weighted_sum(name):
 
 
 @pytest.mark.parametrize("name", ["plain_mlp", "scanned"])
+def test_svd_at_full_rank_reproduces_linear_where_linear_is_a_weighted_update(name):
+    """For one adapter at any weight, PEFT's factor-wise `linear` is exactly w·ΔW (no cross
+    terms), and `svd` at full rank gives the same ΔW and the same outputs."""
+    case = _case(name)
+    a = _adapters(name, 2, 3)
+    for w in (0.6, -1.4):
+        lin, svd = combine([a], [w], how="linear"), combine([a], [w], how="svd")
+        _close(_deltas(svd), _deltas(lin), 1e-4)
+        np.testing.assert_allclose(_run(case, svd), _run(case, lin), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["plain_mlp", "scanned"])
 def test_svd_truncation_is_optimal_per_stack_index(name):
     """Eckart–Young: the rank-1 result misses by exactly the 2nd singular value of each matrix."""
     a = _adapters(name, 2, 1)
