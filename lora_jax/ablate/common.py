@@ -73,3 +73,11 @@ def steps_to_reach(r: RunRecord, target: float) -> float:
         if y <= target:
             return float(s)
     return math.nan
+
+
+def series_by(by: dict, groups: Sequence[Any], xs: Sequence[Any], value: Any,
+              label: Any = lambda g: g) -> dict:
+    """{label(g): (xs present for g, value(run) at each)} from runs keyed by (group, x): one line
+    per group in a line plot."""
+    return {label(g): ([x for x in xs if (g, x) in by], [value(by[(g, x)]) for x in xs if (g, x) in by])
+            for g in groups}

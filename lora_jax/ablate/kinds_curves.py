@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from lora_jax.ablate import paper, plots
-from lora_jax.ablate.common import Analysis, Metric, final_loss, ordered, steps_to_reach, with_tag
+from lora_jax.ablate.common import (
+    Analysis,
+    Metric,
+    final_loss,
+    ordered,
+    series_by,
+    steps_to_reach,
+    with_tag,
+)
 from lora_jax.ablate.report import md_table
 from lora_jax.ablate.sweep import RunRecord
 
@@ -138,10 +146,7 @@ def loraplus_init(opts: Any, m: Metric, records: Sequence[RunRecord], workdir: s
             ),
         )
     )
-    series = {
-        i: ([k for k in ratios if (i, k) in by], [m.of(by[(i, k)]) for k in ratios if (i, k) in by])
-        for i in inits
-    }
+    series = series_by(by, inits, ratios, m.of)
     out.images.append(
         plots.line_plot(
             os.path.join(workdir, "loraplus.png"),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lora_jax.ablate import paper, plots
-from lora_jax.ablate.common import Analysis, Metric, ordered, with_tag
+from lora_jax.ablate.common import Analysis, Metric, ordered, series_by, with_tag
 from lora_jax.ablate.report import fmt, md_table, params_str
 from lora_jax.ablate.sweep import RunRecord
 
@@ -34,10 +34,7 @@ def rank_targets(opts: Any, m: Metric, records: Sequence[RunRecord], workdir: st
             md_table(["targets", *(f"r={k}" for k in ranks)], rows),
         )
     )
-    series = {
-        t: ([k for k in ranks if (t, k) in by], [m.of(by[(t, k)]) for k in ranks if (t, k) in by])
-        for t in targets
-    }
+    series = series_by(by, targets, ranks, m.of)
     out.images.append(
         plots.line_plot(
             os.path.join(workdir, "rank_targets.png"),
@@ -93,10 +90,7 @@ def _low_data(opts: Any, m: Metric, low: Sequence[RunRecord], workdir: str, out:
             f"\n\nOn {n} training examples, r={small} beats r={large} in **{wins} of {len(pairs)}** "
             f"seeds ({m.key})."
         )
-    series = {
-        f"seed {s}": ([k for k in ranks if (s, k) in by], [m.of(by[(s, k)]) for k in ranks if (s, k) in by])
-        for s in seeds
-    }
+    series = series_by(by, seeds, ranks, m.of, label=lambda s: f"seed {s}")
     out.images.append(
         plots.line_plot(
             os.path.join(workdir, "low_data.png"),
@@ -156,10 +150,7 @@ def planted_rank(opts: Any, m: Metric, records: Sequence[RunRecord], workdir: st
         )
     )
     out.sections.append(("Error vs rank", text))
-    series = {
-        f"k={kk}": ([k for k in ranks if (kk, k) in by], [rel(by[(kk, k)]) for k in ranks if (kk, k) in by])
-        for kk in ks
-    }
+    series = series_by(by, ks, ranks, rel, label=lambda kk: f"k={kk}")
     out.images.append(
         plots.line_plot(
             os.path.join(workdir, "planted_rank.png"),
