@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.causal_lm.intermediate_size = 512  # from-scratch base: SwiGLU width
     c.causal_lm.layers = 4  # from-scratch base: decoder layers
     c.causal_lm.heads = 3  # from-scratch base: attention heads (head_dim = hidden_size / heads)
-    c.causal_lm.base_dir = ""  # where pretraining exports the base; "" = ~/.cache/lora_jax/...-<hash>
+    c.causal_lm.base_dir = ""  # where pretraining exports the base; "" = a hashed dir in ~/.cache/lora_jax
     c.causal_lm.base_config = "configs/lm/pretrain.py"  # pretrain config named when model.path is missing
 
     c.jsonl = ml_collections.ConfigDict()  # user data for the jsonl_classification / jsonl_sft tasks
