@@ -79,11 +79,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     steps = config.steps or max(1, int(config.epochs * task.train_examples // config.batch_size))
     example = next(task.batches(0))
     # ---- Trainable split: adapters under LoRA, the whole params tree under full fine-tuning.
-    rng = jax.random.key(config.seed)
     param_sh = jax.tree.map(lambda x: x.sharding, task.params)
     if config.method == "lora":
         spec = lora_spec(config.lora)
-        adapters = lora_jax.init(jax.random.fold_in(rng, 1), task.fn, task.params,
+        adapters = lora_jax.init(jax.random.fold_in(jax.random.key(config.seed), 1), task.fn, task.params,
                                  *task.inputs(example), spec=spec)
         extra, frozen = partition(task.params, config.lora.train_also)
         extra_sh, frozen_sh = partition(param_sh, config.lora.train_also)
