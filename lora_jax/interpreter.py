@@ -193,9 +193,17 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
     return (t.w, a, b), lambda xs: dataclasses.replace(rest, w=xs[0], a=xs[1], b=xs[2])
 
 
+def _scan_counts(p: dict) -> tuple[int, int]:
+    """(consts, carry) counts: JAX <= 0.10 names them; newer JAX groups the inputs in `ft_in`."""
+    if "num_consts" in p:
+        return p["num_consts"], p["num_carry"]
+    consts, carry, _ = p["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
 def scan_rule(eqn, invals, ctx):
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    n_consts, n_carry = _scan_counts(p)
     consts, carry, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
     no_tracked_out(carry, "scan")
     xs_arrays, rebuilds = [], []
