@@ -61,7 +61,8 @@ def run_jax(c: dict, rank: int) -> dict:
     from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 
     t0 = time.perf_counter()
-    m = from_config(hf(c), seed=0, dtype=jnp.bfloat16, scan_layers=True, remat=True)
+    m = from_config(hf(c), seed=0, dtype=jnp.bfloat16, scan_layers=True, remat=True,
+                    attention=c.get("attention", "xla"))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, c["vocab_size"], (c["batch"], c["seq"])), jnp.int32)
     batch = {"ids": ids, "mask": jnp.ones_like(ids)}
@@ -89,6 +90,7 @@ def run_jax(c: dict, rank: int) -> dict:
             "peak_bytes": stats.get("peak_bytes_in_use"),
             "compiled_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
             "adapter_params": lora_jax.count_params(adapters), "remat": True, "scan_layers": True,
+            "attention": c.get("attention", "xla"),
             "matmul_bf16_flops_per_s": _matmul_rate() if dev.platform == "cpu" else None}
 
 
@@ -154,7 +156,8 @@ def _child(part: str, c: dict, rank: int, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
-        return {"error": f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or [""])[-1][:500]}
+        err = [ln for ln in p.stderr.strip().splitlines() if "JAX_TRACEBACK_FILTERING" not in ln]
+        return {"error": f"exit {p.returncode}: " + " | ".join(err[-3:])[-1500:]}
     return json.loads(lines[-1][7:])
 
 
@@ -174,6 +177,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak; default by device")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--attention", default="xla,cudnn",
+                    help="attention kernels to time, comma-separated (cudnn needs an NVIDIA GPU)")
     ap.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,19 +191,25 @@ def main() -> None:
         c["batch"] = args.batch
     t0 = time.perf_counter()
     fl = model_flops(c, args.rank)
-    res = {"config": c, "rank": args.rank, "flops": fl, "jax": _child("jax", c, args.rank, 270)}
-    kind = res["jax"].get("device", "")
+    kernels = args.attention.split(",") if not args.small else ["xla"]
+    res = {"config": c, "rank": args.rank, "flops": fl}
+    for k in kernels:
+        res["jax" if k == "xla" else f"jax_{k}"] = _child("jax", {**c, "attention": k}, args.rank, 200)
+    jax_sides = [s for s in res if s.startswith("jax")]
+    kind = res[jax_sides[0]].get("device", "")
     peak = (args.peak_tflops * 1e12 if args.peak_tflops else
             next((v for k, v in PEAK_BF16.items() if k in kind), None)
-            or res["jax"].get("matmul_bf16_flops_per_s"))
+            or res[jax_sides[0]].get("matmul_bf16_flops_per_s"))
     res["peak_flops_per_s"] = peak
     if not args.skip_torch:
         res["peft"] = _child("torch", c, args.rank, 180)
-    for side in ("jax", "peft"):
+    sides = [*jax_sides, "peft"]
+    for side in sides:
         if side in res:
             _derive(res[side], c, fl, peak)
-    if "tokens_per_s" in res["jax"] and "tokens_per_s" in res.get("peft", {}):
-        res["jax_over_peft_step_time"] = res["jax"]["median_s"] / res["peft"]["median_s"]
+    for side in jax_sides:
+        if "tokens_per_s" in res[side] and "tokens_per_s" in res.get("peft", {}):
+            res[f"{side}_over_peft_step_time"] = res[side]["median_s"] / res["peft"]["median_s"]
     res["elapsed_s"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_results.json"), "w") as f:
@@ -206,7 +217,7 @@ def main() -> None:
     lines = [f"model {fl['params'] / 1e9:.2f}B params, batch {c['batch']} x seq {c['seq']}, "
              f"LoRA r={args.rank} "
              f"all linear ({fl['adapter_params']:,} adapter params); peak {peak or 0:.3g} FLOP/s"]
-    for side in ("jax", "peft"):
+    for side in sides:
         r = res.get(side)
         if r is None:
             continue

@@ -145,6 +145,8 @@ def _dot_general(eqn, invals, ctx):
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
     x_in = _dropout(x, t, ctx)
+    if jnp.issubdtype(x.dtype, jnp.floating):  # branch in the activations' dtype, as autocast does
+        first = first.astype(x.dtype)
     mid = jnp.einsum(f"{''.join(x_lab)},{first_lab}->{mid_lab}", x_in, first, precision=prec,
                      preferred_element_type=pref)
     mid = mid * jnp.asarray(t.scale, mid.dtype)

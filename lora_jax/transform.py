@@ -134,6 +134,8 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
     Each adapter's dropout (from its spec) hits the LoRA branch's input when `rng` is given and
     `deterministic` is False. With `adapter_index` (int [batch]; -1 = no adapter), `adapters` is
     a stack from `lora_jax.stack_adapters` and example b uses adapter adapter_index[b].
+    The branch computes in the activations' dtype (bf16 activations: bf16 matmuls, as torch
+    autocast does for PEFT); A and B keep their own dtype and get gradients in it.
     """
     found = check_fits(params, adapters, stacked=adapter_index is not None)
     closed, out_tree, dyn = _trace(fn, params, args)

@@ -23,6 +23,7 @@ from lora_jax.errors import LoraError
 from lora_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_KERNELS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,11 @@ class LlamaConfig:
     model_type: str = "llama"
     scan_layers: bool = False
     remat: bool = False
+    attention: str = "xla"  # "xla" (any backend) or "cudnn" (fused flash kernel, NVIDIA GPUs, bf16)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise LoraError(f"attention '{self.attention}' is not one of {ATTENTION_KERNELS}")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -126,7 +132,6 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x_BxTxD.shape
         H, KV, K = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        G = H // KV
         q_BxTxHxK = _dense(H * K, c.qkv_bias, "q_proj")(x_BxTxD).reshape(B, T, H, K)
         k_BxSxVxK = _dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD).reshape(B, T, KV, K)
         v_BxSxVxK = _dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD).reshape(B, T, KV, K)
@@ -137,15 +142,16 @@ class Attention(nn.Module):
             start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
             k_BxSxVxK = jax.lax.dynamic_update_slice(kv[0], k_BxSxVxK.astype(kv[0].dtype), start)
             v_BxSxVxK = jax.lax.dynamic_update_slice(kv[1], v_BxSxVxK.astype(kv[1].dtype), start)
-        q_BxTxVxGxK = q_BxTxHxK.reshape(B, T, KV, G, K)
-        scores_BxVxGxTxS = jnp.einsum("btvgk,bsvk->bvgts", q_BxTxVxGxK, k_BxSxVxK)
-        scores_BxVxGxTxS = scores_BxVxGxTxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
-        allowed_Bx1x1xTxS = allowed_BxTxS[:, None, None, :, :]
-        neg = jnp.finfo(jnp.float32).min
-        scores_BxVxGxTxS = jnp.where(allowed_Bx1x1xTxS, scores_BxVxGxTxS, neg)
-        probs_BxVxGxTxS = jax.nn.softmax(scores_BxVxGxTxS, axis=-1).astype(v_BxSxVxK.dtype)
-        out_BxTxVxGxK = jnp.einsum("bvgts,bsvk->btvgk", probs_BxVxGxTxS, v_BxSxVxK)
-        out_BxTxD = _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxVxGxK.reshape(B, T, H * K))
+        if c.attention == "cudnn" and q_BxTxHxK.dtype not in (jnp.bfloat16, jnp.float16):
+            raise LoraError(f"attention='cudnn' needs bfloat16 or float16 activations, got "
+                            f"{q_BxTxHxK.dtype}; load the model with dtype=jnp.bfloat16")
+        # Logits and softmax in float32 on either kernel; `allowed` carries causality, padding and
+        # the sliding window, so one boolean mask serves training and cached decoding alike.
+        out_BxTxHxK = jax.nn.dot_product_attention(
+            q_BxTxHxK, k_BxSxVxK.astype(q_BxTxHxK.dtype), v_BxSxVxK.astype(q_BxTxHxK.dtype),
+            mask=allowed_BxTxS[:, None, :, :], implementation=None if c.attention == "xla" else "cudnn",
+        )
+        out_BxTxD = _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxHxK.reshape(B, T, H * K))
         return out_BxTxD if kv is None else (out_BxTxD, (k_BxSxVxK, v_BxSxVxK))
 
 

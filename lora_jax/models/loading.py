@@ -193,7 +193,10 @@ def from_config(
 ) -> LoadedModel:
     """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
     family, module, config = build_module(hf_config, **overrides)
-    params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    # Parameters do not depend on the attention kernel; fused kernels refuse float32 activations.
+    init_module = module.clone(config=dataclasses.replace(config, attention="xla")) \
+        if getattr(config, "attention", "xla") != "xla" else module
+    params = jax.jit(init_module.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
     if dtype is not None:
         params = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params

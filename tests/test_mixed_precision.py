@@ -1,0 +1,87 @@
+"""bf16 models: the LoRA branch runs in the activations' dtype; attention kernel selection."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import pytest
+
+import lora_jax
+import lora_jax.models as M
+from lora_jax.errors import LoraError
+from lora_jax.interpreter import _scan_counts
+
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
+    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-5, max_position_embeddings=64, hidden_act="silu",
+)
+TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
+IDS = jnp.array([[5, 9, 3, 7, 2, 8], [4, 4, 11, 1, 6, 3]], jnp.int32)
+MASK = jnp.ones_like(IDS)
+
+
+def _dot_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    """(lhs, rhs) dtypes of every dot_general, nested jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jex.core.jaxprs_in_params(eqn.params):
+            found |= _dot_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_bf16_model_runs_every_matmul_in_bf16_with_fp32_adapter_grads(scan):
+    m = M.from_config(LLAMA, seed=0, dtype=jnp.bfloat16, scan_layers=scan)
+    spec = lora_jax.LoraSpec(targets=TARGETS, rank=4, alpha=8.0)
+    ad = lora_jax.init(jax.random.key(1), m.fn, m.params, IDS, MASK, spec=spec)
+    ad = jax.tree.map(lambda x: x + 0.01, ad)  # B != 0, so the branch matters
+
+    def loss(ad):
+        return lora_jax.apply(m.fn, m.params, ad, IDS, MASK).astype(jnp.float32).mean()
+
+    jaxpr = jax.make_jaxpr(lambda ad: lora_jax.apply(m.fn, m.params, ad, IDS, MASK))(ad)
+    assert _dot_dtypes(jaxpr.jaxpr) == {("bfloat16", "bfloat16")}
+    assert jaxpr.out_avals[0].dtype == jnp.bfloat16
+    grads = jax.grad(loss)(ad)
+    leaves = jax.tree.leaves(grads)
+    assert {str(g.dtype) for g in leaves} == {"float32"}
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert max(float(jnp.abs(g).max()) for g in leaves) > 0
+
+
+def test_fp32_model_branch_stays_fp32():
+    m = M.from_config(LLAMA, seed=0)
+    spec = lora_jax.LoraSpec(targets=TARGETS, rank=4, alpha=8.0)
+    ad = lora_jax.init(jax.random.key(1), m.fn, m.params, IDS, MASK, spec=spec)
+    jaxpr = jax.make_jaxpr(lambda ad: lora_jax.apply(m.fn, m.params, ad, IDS, MASK))(ad)
+    assert _dot_dtypes(jaxpr.jaxpr) == {("float32", "float32")}
+
+
+def test_unknown_attention_kernel_is_one_line_error():
+    with pytest.raises(LoraError, match=r"attention 'flash' is not one of \('xla', 'cudnn'\)"):
+        M.from_config(LLAMA, attention="flash")
+
+
+def test_cudnn_attention_refuses_fp32_activations_and_shares_params():
+    xla = M.from_config(LLAMA, seed=3)
+    fused = M.from_config(LLAMA, seed=3, attention="cudnn")
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), xla.params, fused.params))
+    with pytest.raises(LoraError, match="attention='cudnn' needs bfloat16 or float16 activations"):
+        fused.fn(fused.params, IDS, MASK)
+
+
+class _Groups:
+    def __init__(self, *groups):
+        self.groups = groups
+
+    def unpack(self):
+        return self.groups
+
+
+def test_scan_counts_reads_old_and_new_jax_params():
+    assert _scan_counts({"num_consts": 2, "num_carry": 1}) == (2, 1)
+    assert _scan_counts({"ft_in": _Groups((None,) * 3, (None,) * 2, (None,))}) == (3, 2)
