@@ -17,6 +17,11 @@ LLAMA = dict(
     intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     rms_norm_eps=1e-5, max_position_embeddings=64, hidden_act="silu",
 )
+BERT = dict(
+    architectures=["BertModel"], model_type="bert", vocab_size=64, hidden_size=32,
+    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+    type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0,
+)
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 IDS = jnp.array([[5, 9, 3, 7, 2, 8], [4, 4, 11, 1, 6, 3]], jnp.int32)
 MASK = jnp.ones_like(IDS)
@@ -85,3 +90,15 @@ class _Groups:
 def test_scan_counts_reads_old_and_new_jax_params():
     assert _scan_counts({"num_consts": 2, "num_carry": 1}) == (2, 1)
     assert _scan_counts({"ft_in": _Groups((None,) * 3, (None,) * 2, (None,))}) == (3, 2)
+
+
+def test_load_selects_the_kernel_for_llama_and_refuses_it_for_bert(tmp_path):
+    llama = M.from_config(LLAMA, seed=4)
+    M.save_pretrained(llama, llama.params, tmp_path / "llama")
+    fused = M.load(tmp_path / "llama", attention="cudnn")
+    assert fused.config.attention == "cudnn"
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), llama.params, fused.params))
+    bert = M.from_config(BERT, seed=4)
+    M.save_pretrained(bert, bert.params, tmp_path / "bert")
+    with pytest.raises(LoraError, match="attention 'cudnn' is selectable for Llama-family models only"):
+        M.load(tmp_path / "bert", attention="cudnn")

@@ -87,7 +87,16 @@ def _apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
 def param_shapes(module: nn.Module) -> PyTree:
     """Abstract params (ShapeDtypeStruct leaves) without allocating anything."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return jax.eval_shape(module.init, jax.random.key(0), ids)
+    return jax.eval_shape(_initialisable(module).init, jax.random.key(0), ids)
+
+
+def _initialisable(module: nn.Module) -> nn.Module:
+    """The module with XLA attention: parameters do not depend on the kernel, and fused kernels
+    refuse the float32 activations of initialisation."""
+    config = module.config
+    if getattr(config, "attention", "xla") == "xla":
+        return module
+    return module.clone(config=dataclasses.replace(config, attention="xla"))
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -154,11 +163,13 @@ def load(
     *,
     scan_layers: bool = False,
     remat: bool = False,
+    attention: str = "xla",
 ) -> LoadedModel:
     """Load an HF safetensors checkpoint into Flax params (never pickle, never remote code).
 
     `dtype` casts floating weights; `shardings` is a params-shaped pytree of shardings or a
-    callable (path, shape) -> sharding, and each tensor is read straight into it.
+    callable (path, shape) -> sharding, and each tensor is read straight into it. `attention`
+    ("xla" or "cudnn", Llama family only) picks the attention kernel.
     """
     directory = resolve(path_or_id)
     config_file = directory / "config.json"
@@ -171,6 +182,10 @@ def load(
     overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat)
     if family == "bert":
         overrides["add_pooler"] = f"{tensors.prefix}pooler.dense.weight" in tensors.key_file
+        if attention != "xla":
+            raise LoraError(f"attention '{attention}' is selectable for Llama-family models only")
+    else:
+        overrides["attention"] = attention
     family, module, config = build_module(hf_config, **overrides)
     shapes = param_shapes(module)
     sharding_of = _sharding_for(shardings)
@@ -193,10 +208,7 @@ def from_config(
 ) -> LoadedModel:
     """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
     family, module, config = build_module(hf_config, **overrides)
-    # Parameters do not depend on the attention kernel; fused kernels refuse float32 activations.
-    init_module = module.clone(config=dataclasses.replace(config, attention="xla")) \
-        if getattr(config, "attention", "xla") != "xla" else module
-    params = jax.jit(init_module.init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
+    params = jax.jit(_initialisable(module).init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
     if dtype is not None:
         params = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
