@@ -2,7 +2,7 @@
 
     python -m experiments.ablate --config=configs/ablations/amplification.py --workdir=runs/ablate/amp
 
-MiniLM code search, q,v, r ∈ {4, 16, 64}, 100 steps of batch 16 at 32/64 tokens (the paper: GPT-3,
+MiniLM code search, q,v, r ∈ {4, 16, 64}, 500 steps of batch 16 at 32/64 tokens (the paper: GPT-3,
 layer 48 of 96, to convergence); per layer and weight type, plus W's own top-r directions.
 `:smoke`: the planted-rank MLP (random W), r ∈ {2, 8}.
 """
@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
         run.lora.targets = cm.PLANTED_TARGETS["all"]
     else:
         run, ranks, metric, higher = cm.code_search_run(), [4, 16, 64], "eval/mrr", True
-        run.steps = 100
+        run.steps, run.ckpt_every, run.log_every = 500, 100, 10
     sweep = [
         {"name": f"r{r}", "tags": {"rank": r}, "lora.rank": r, "lora.alpha": float(2 * r)} for r in ranks
     ]

@@ -5,8 +5,9 @@
 
 The base is a small byte-level Llama pretrained on the stdlib's sources (source corpus); it is adapted
 to pydoc's help topics (target corpus) by LoRA r ∈ {4, 16, 64} on all linear weights (α = 2r, lr 2e-3)
-and by full fine-tuning at lr 5e-4 and 1e-4, 300 steps each (configs/lm/lora.py) — the paper:
-Llama-2-7B, billions of tokens. Also: the rank of the full-FT ΔW that holds 90% of its spectrum.
+and by full fine-tuning at lr 5e-4 and 1e-4, plus LoRA r=16 at those two learning rates; 300
+steps each (configs/lm/lora.py) — the paper: Llama-2-7B, billions of tokens. Also: the rank of
+the full-FT ΔW that holds 90% of its spectrum.
 `:smoke` adapts the `pretrain.py:smoke` base (make it with that variant first) for 20 steps.
 """
 
@@ -22,6 +23,12 @@ def get_config(arg: str | None = None):
     sweep = [
         {"name": f"lora_r{r}", "tags": {"rank": r}, "lora.rank": r, "lora.alpha": float(2 * r)} for r in ranks
     ]
+    if not smoke:  # LoRA at full fine-tuning's learning rates, to compare frontiers at matched lr
+        sweep += [
+            {"name": f"lora_r16_lr{lr:g}", "tags": {"rank": 16}, "lora.rank": 16, "lora.alpha": 32.0,
+             "optimizer.lr": lr}
+            for lr in (5e-4, 1e-4)
+        ]
     sweep += [
         {"name": f"full_lr{lr:g}", "tags": {"rank": "full"}, "method": "full", "optimizer.lr": lr}
         for lr in full_lrs

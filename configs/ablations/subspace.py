@@ -2,7 +2,7 @@
 
     python -m experiments.ablate --config=configs/ablations/subspace.py --workdir=runs/ablate/subspace
 
-MiniLM code search, q,v (as the paper), 3 runs of 100 steps of batch 16 at 32/64 tokens (the paper:
+MiniLM code search, q,v (as the paper), 3 runs of 500 steps of batch 16 at 32/64 tokens (the paper:
 GPT-3 to convergence); heatmaps per layer and weight type, with two random Gaussian matrices as the
 control. The seed sets A's init and the data order. `:smoke`: the planted-rank MLP, ranks 4 and 16
 (there the seed also changes the teacher, so the seed pair is not meaningful; it only exercises the code).
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
         metric, higher = "eval/mse", False
     else:
         run, small, large = cm.code_search_run(), 8, 64
-        run.steps = 100
+        run.steps, run.ckpt_every, run.log_every = 500, 100, 10
         metric, higher = "eval/mrr", True
     sweep = [
         {
