@@ -1,7 +1,7 @@
 """Ablation sweeps: configs are well-formed, smoke sweeps write a sane CSV/markdown/PNGs, reruns skip.
 
 Which smoke sweeps run end to end is set by LORA_JAX_ABLATE_TESTS (comma-separated config names;
-default: the cheap planted-MLP ones below), so CI can trade coverage for time.
+default: all seven, about 2 minutes together), so a local run can trade coverage for time.
 """
 
 import csv
@@ -13,13 +13,16 @@ import sys
 
 import pytest
 
+from configs.lm import pretrain as pretrain_config
 from lora_jax.ablate import apply_overrides, run_ablation, run_name
 from lora_jax.ablate.kinds_weights import split_path
 from lora_jax.errors import LoraError
+from lora_jax.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs/ablations/[!_]*.py")))
-END_TO_END = os.environ.get("LORA_JAX_ABLATE_TESTS", "planted_rank,subspace,scaling").split(",")
+ALL = "planted_rank,subspace,scaling,rank_targets,amplification,loraplus_init,forgetting"
+END_TO_END = os.environ.get("LORA_JAX_ABLATE_TESTS", ALL).split(",")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -98,6 +101,10 @@ def swept(tmp_path_factory):
     for name in [n for n in END_TO_END if n]:
         workdir = str(tmp_path_factory.mktemp(name))
         config = _config(name)
+        if name == "forgetting":  # adapts a pretrained causal_lm base: make the smoke one here
+            pre = pretrain_config.get_config("smoke")
+            pre.causal_lm.base_dir = os.path.join(workdir, "base")
+            config.run.model.path = pretrain(pre, os.path.join(workdir, "pretrain"))
         run_ablation(config, workdir, log=lambda s: None)
         out[name] = (workdir, config)
     return out
