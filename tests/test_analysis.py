@@ -9,7 +9,9 @@ import zoo
 
 import lora_jax
 from lora_jax import analysis
+from lora_jax.adapter_io import load_adapter, save_adapter
 from lora_jax.adapters import Adapter, adapter_items
+from lora_jax.paths import nest
 
 
 def _orthonormal(n, k, seed):
@@ -146,3 +148,19 @@ def test_as_matrices_any_axis_order():
     _check_rebuilds_delta(unstacked, layers=1)
     (a, b), = analysis.as_matrices(unstacked)
     np.testing.assert_array_equal(a, unstacked.a)
+
+
+def test_analyses_run_on_an_adapter_read_back_from_disk(tmp_path):
+    case = zoo.scanned()
+    spec = lora_jax.LoraSpec(targets=case.targets, rank=2, alpha=4.0)
+    adapters = lora_jax.init(jax.random.key(0), case.fn, case.params, *case.args, spec=spec)
+    items = {p: dataclasses.replace(ad, a=np.float32(ad.a), b=np.float32(ad.b))
+             for p, ad in _randomized(adapters).items()}
+    save_adapter(str(tmp_path / "saved"), nest(items))
+    loaded, _ = load_adapter(str(tmp_path / "saved"))
+    for path, ad in adapter_items(loaded):
+        for (a, _), (a_ref, _) in zip(analysis.as_matrices(ad), analysis.as_matrices(items[path]),
+                                      strict=True):
+            assert analysis.subspace_similarity(a, a_ref, 2, 2) == pytest.approx(1.0)
+        delta = analysis.weight_as_matrices(ad.delta(), ad)[0]
+        assert analysis.spectrum_rank(delta, 0.999) <= 2  # a rank-2 update stays rank 2
