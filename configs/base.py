@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "sentence-transformers/all-MiniLM-L6-v2"  # HF dir or hub id (task-made models ignore it)
     c.model.dtype = "float32"  # base weights: float32 | bfloat16 (adapters stay float32)
+    c.model.scan_layers = False  # one nn.scan over the layers: one compiled layer, stacked weights
+    c.model.remat = False  # recompute each layer's activations in the backward pass (memory for time)
+    c.model.attention = "xla"  # Llama-family attention kernel: xla | cudnn (NVIDIA GPU, bfloat16)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = r".*/(query|value)/kernel"  # regex over "/"-joined param paths

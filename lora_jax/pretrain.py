@@ -38,6 +38,8 @@ def base_dir(config: Any) -> str:
     if config.causal_lm.base_dir:
         return os.path.expanduser(config.causal_lm.base_dir)
     key = {f: _get(config, f) for f in _WEIGHT_FIELDS}
+    if config.model.scan_layers:  # stacked layers draw their init differently (kept out otherwise,
+        key["model.scan_layers"] = True  # so bases made before the field existed keep their name)
     key.update(format=FORMAT, python=list(sys.version_info[:2]))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     root = os.environ.get("LORA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora_jax")
@@ -67,6 +69,7 @@ def pretrain(config: Any, workdir: str | None = None) -> str:
     from lora_jax.sharding import to_host
     from lora_jax.tasks.causal_lm import hf_config
     from lora_jax.tasks.corpora import byte_tokenizer
+    from lora_jax.tasks.task import model_options
     from lora_jax.trainer import train_and_evaluate
 
     check_pretrain_config(config)
@@ -83,8 +86,8 @@ def pretrain(config: Any, workdir: str | None = None) -> str:
     # Write beside the target and rename, so a reader never sees half a base.
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = from_config(hf_config(config.causal_lm), seed=config.seed)
-    save_pretrained(model, params, tmp)
+    model = from_config(hf_config(config.causal_lm), seed=config.seed, **model_options(config))
+    save_pretrained(model, params, tmp)  # scanned stacks are split back into HF's per-layer names
     byte_tokenizer().save(os.path.join(tmp, "tokenizer.json"))
     info = {"config": json.loads(config.to_json()), "eval": result["eval"], "steps": result["steps"],
             "train_seconds_this_call": seconds, "workdir": os.path.abspath(workdir)}

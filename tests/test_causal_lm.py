@@ -6,6 +6,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from configs.lm import lora as lora_config
 from configs.lm import pretrain as pretrain_config
@@ -126,3 +127,19 @@ def test_pretrain_refuses_an_adaptation_config(tmp_path):
     with pytest.raises(LoraError, match=r"a pretrain config needs .*got \{'method': 'lora'"):
         pretrain(lora_config.get_config("smoke"), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_scanned_pretrain_exports_per_layer_weights_that_unscanned_runs_read(tmp_path):
+    pre = _tiny(pretrain_config.get_config("smoke"), tmp_path)
+    pre.causal_lm.layers, pre.model.scan_layers, pre.model.remat = 2, True, True
+    out = pretrain(pre, str(tmp_path / "pre_run"))
+    assert "model.layers.1.self_attn.q_proj.weight" in load_file(os.path.join(out, "model.safetensors"))
+    c = _tiny(lora_config.get_config("smoke"), tmp_path)
+    c.causal_lm.layers, c.model.path, c.steps = 2, out, 2
+    train_and_evaluate(c, str(tmp_path / "adapt"))
+    base_end, start = _evals(tmp_path / "pre_run")[-1], _evals(tmp_path / "adapt")[0]
+    np.testing.assert_allclose(start["eval/source_loss"], base_end["eval/source_loss"], rtol=1e-5)
+    hashed = pretrain_config.get_config("smoke")
+    unscanned = base_dir(hashed)
+    hashed.model.scan_layers = True
+    assert base_dir(hashed) != unscanned  # stacked layers are initialised differently

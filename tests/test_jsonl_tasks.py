@@ -17,6 +17,7 @@ import lora_jax.models as M
 from configs import jsonl_classification as cls_config
 from configs import jsonl_sft as sft_config
 from lora_jax import sharding as shd
+from lora_jax.adapters import adapter_items
 from lora_jax.errors import LoraError
 from lora_jax.tasks import jsonl_classification, jsonl_sft
 from lora_jax.trainer import train_and_evaluate
@@ -229,3 +230,23 @@ def test_sft_lowers_heldout_completion_loss(tmp_path, files, llama_dir):
     assert [r["step"] for r in evals] == [0, 60]
     assert evals[-1]["eval/loss"] < 0.6 * evals[0]["eval/loss"], evals
     np.testing.assert_allclose(evals[-1]["eval/perplexity"], np.exp(evals[-1]["eval/loss"]), rtol=1e-6)
+
+
+def test_cudnn_attention_on_a_bert_encoder_is_refused(tmp_path, files, bert_dir):
+    c = _config(cls_config, bert_dir, files["cls_train"], files["cls_eval"],
+                **{"model.attention": "cudnn"})
+    _one_line_error(c, tmp_path / "run", r"attention 'cudnn' is selectable for Llama-family models only$")
+
+
+def test_sft_with_scanned_remat_layers_starts_where_unrolled_does_and_learns(tmp_path, files,
+                                                                              llama_dir):
+    evals = {}
+    for scan in (False, True):
+        c = _config(sft_config, llama_dir, files["sft_train"], files["sft_eval"], steps=20,
+                    **{"optimizer.lr": 1e-2, "model.scan_layers": scan, "model.remat": scan})
+        res = train_and_evaluate(c, str(tmp_path / f"scan{scan}"))
+        evals[scan] = [r["eval/loss"] for r in _rows(tmp_path / f"scan{scan}") if "eval/loss" in r]
+        stack = {ad.stack for _, ad in adapter_items(res["trainable"]["adapters"])}
+        assert stack == ({(0,)} if scan else {()})  # scanned: one adapter stacked over the layers
+    np.testing.assert_allclose(evals[True][0], evals[False][0], rtol=1e-5)  # B = 0: the base
+    assert evals[True][-1] < 0.8 * evals[True][0]

@@ -73,6 +73,9 @@ def build_module(
     if family == "llama":
         config = LlamaConfig.from_hf(hf_config, **overrides)
         return family, LlamaForCausalLM(config), config
+    attention = overrides.pop("attention", "xla")
+    if attention != "xla":
+        raise LoraError(f"attention '{attention}' is selectable for Llama-family models only")
     config = BertConfig.from_hf(hf_config, **overrides)
     return family, BertModel(config), config
 
@@ -182,10 +185,7 @@ def load(
     overrides: dict[str, Any] = dict(scan_layers=scan_layers, remat=remat)
     if family == "bert":
         overrides["add_pooler"] = f"{tensors.prefix}pooler.dense.weight" in tensors.key_file
-        if attention != "xla":
-            raise LoraError(f"attention '{attention}' is selectable for Llama-family models only")
-    else:
-        overrides["attention"] = attention
+    overrides["attention"] = attention
     family, module, config = build_module(hf_config, **overrides)
     shapes = param_shapes(module)
     sharding_of = _sharding_for(shardings)

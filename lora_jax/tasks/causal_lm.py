@@ -22,7 +22,7 @@ from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths, nest
 from lora_jax.sharding import to_device
 from lora_jax.tasks import corpora
-from lora_jax.tasks.task import Task
+from lora_jax.tasks.task import Task, model_options
 
 ROLES = ("target", "source")
 
@@ -72,14 +72,14 @@ def _model(config: Any, placer: Callable):
     if config.model.path:
         if not os.path.isfile(os.path.join(os.path.expanduser(config.model.path), "config.json")):
             raise LoraError(_missing_base(config))
-        model = load(config.model.path, dtype=dtype, shardings=placer)
+        model = load(config.model.path, dtype=dtype, shardings=placer, **model_options(config))
         if model.family != "llama" or model.tokenizer is None:
             raise LoraError(f"causal_lm needs a Llama-family decoder with tokenizer.json; "
                             f"{config.model.path} is {model.family}, "
                             f"tokenizer: {model.tokenizer is not None}")
         return model.fn, model.params, model.tokenizer, model.source
     hf = hf_config(c)
-    model = from_config(hf, seed=config.seed, dtype=dtype)
+    model = from_config(hf, seed=config.seed, dtype=dtype, **model_options(config))
     params = nest({p: to_device(np.asarray(w), placer(p, w.shape)) for p, w in flat_paths(model.params)})
     digest = hashlib.sha256(json.dumps(hf, sort_keys=True).encode()).hexdigest()[:12]
     return model.fn, params, corpora.byte_tokenizer(), f"scratch:{digest}:seed{config.seed}"

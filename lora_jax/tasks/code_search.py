@@ -241,10 +241,10 @@ def build(config: Any, placer: Any, workdir: str) -> Any:
     from lora_jax.errors import LoraError
     from lora_jax.models import load
     from lora_jax.tasks.retrieval import info_nce_loss, retrieval_metrics
-    from lora_jax.tasks.task import Task
+    from lora_jax.tasks.task import Task, model_options
 
     c = config.code_search
-    model = load(config.model.path, dtype=config.model.dtype, shardings=placer)
+    model = load(config.model.path, dtype=config.model.dtype, shardings=placer, **model_options(config))
     if model.family != "bert" or model.tokenizer is None:
         raise LoraError(f"code_search needs a BERT-family encoder with tokenizer.json; "
                         f"{config.model.path} is {model.family}, tokenizer: {model.tokenizer is not None}")

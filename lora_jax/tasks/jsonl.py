@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lora_jax.errors import LoraError
+from lora_jax.tasks.task import model_options
 
 FieldTypes = dict[str, tuple[type, ...]]
 
@@ -110,7 +111,7 @@ def load_model(config: Any, placer: Any, task: str, families: tuple[str, ...]) -
                         f"{kinds[family]}" + (" (no LM head)" if family == "bert" else ""))
     if not (directory / "tokenizer.json").is_file():
         raise LoraError(f"{task} needs a tokenizer.json next to the model; {directory} has none")
-    return load(directory, dtype=config.model.dtype, shardings=placer)
+    return load(directory, dtype=config.model.dtype, shardings=placer, **model_options(config))
 
 
 def check_max_len(model: Any, max_len: int) -> None:

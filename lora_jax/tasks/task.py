@@ -14,6 +14,12 @@ PyTree = Any
 Batch = dict[str, np.ndarray]
 
 
+def model_options(config: Any) -> dict[str, Any]:
+    """The `model.*` fields that shape how a loaded model runs (not which weights it has)."""
+    m = config.model
+    return dict(scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+
+
 @dataclasses.dataclass
 class Task:
     """A model plus its data, loss and evaluation.
