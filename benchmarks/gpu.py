@@ -177,8 +177,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak; default by device")
     ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--attention", default="xla,cudnn",
-                    help="attention kernels to time, comma-separated (cudnn needs an NVIDIA GPU)")
+    ap.add_argument("--attention", default=None,
+                    help="attention kernels to time, comma-separated (cudnn needs an NVIDIA GPU); "
+                         "default xla,cudnn, or xla with --small")
     ap.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,7 +192,7 @@ def main() -> None:
         c["batch"] = args.batch
     t0 = time.perf_counter()
     fl = model_flops(c, args.rank)
-    kernels = args.attention.split(",") if not args.small else ["xla"]
+    kernels = (args.attention or ("xla" if args.small else "xla,cudnn")).split(",")
     res = {"config": c, "rank": args.rank, "flops": fl}
     for k in kernels:
         res["jax" if k == "xla" else f"jax_{k}"] = _child("jax", {**c, "attention": k}, args.rank, 200)

@@ -15,7 +15,7 @@ Batch = dict[str, np.ndarray]
 
 
 def model_options(config: Any) -> dict[str, Any]:
-    """The `model.*` fields that shape how a loaded model runs (not which weights it has)."""
+    """The `model.*` fields that say how the model runs: layer layout, recompute, attention kernel."""
     m = config.model
     return dict(scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
 
