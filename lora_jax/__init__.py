@@ -1,4 +1,11 @@
-"""lora_jax: LoRA as a pure-functional transform over JAX parameter trees."""
+"""lora_jax: LoRA as a pure-functional transform over JAX parameter trees.
+
+The transform is imported eagerly; the heavier layers (models, PEFT interop, combine, analysis,
+the adapter library, generation) load on first use, so `import lora_jax` then
+`lora_jax.peft.save_adapter(...)` works without importing them all up front.
+"""
+
+import importlib as _importlib
 
 from lora_jax.adapters import Adapter as Adapter
 from lora_jax.adapters import adapter_shardings as adapter_shardings
@@ -25,3 +32,11 @@ __all__ = [
     "trainable_fraction",
     "unmerge",
 ]
+
+_SUBMODULES = ("adapter_io", "analysis", "combine", "generate", "library", "models", "peft")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"lora_jax.{name}")
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
