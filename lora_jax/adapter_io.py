@@ -2,6 +2,8 @@
 
 `adapter.json` holds each adapter's static layout (scale, axis groups) and the caller's info
 (spec, base id, parameter counts), so `load_adapter` rebuilds the exact tree with no model at hand.
+It also holds a checksum of every array (lora_jax/integrity.py); `load_adapter` refuses arrays
+that do not match (damaged on disk) or cannot be read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lora_jax import integrity
 from lora_jax.adapters import Adapter, adapter_items
 from lora_jax.errors import LoraError
 from lora_jax.paths import nest
@@ -34,11 +37,13 @@ def _layout(adapters: PyTree) -> dict[str, dict]:
 def save_adapter(directory: str, adapters: PyTree, info: dict | None = None) -> None:
     """Write `directory/arrays` (Orbax) and `directory/adapter.json` (layout and `info`)."""
     directory = os.path.abspath(directory)
+    sums, _ = integrity.checksums(adapters)  # every process: one program over the sharded arrays
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(directory, "arrays"), adapters, force=True)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        meta = {"layout": _layout(adapters), "info": info or {}}
+        meta = {"layout": _layout(adapters), "info": info or {},
+                "integrity": {"algorithm": integrity.ALGORITHM, "checksums": sums}}
         tmp = os.path.join(directory, "adapter.json.tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -54,7 +59,7 @@ def read_info(directory: str) -> dict:
 
 
 def load_adapter(directory: str, shardings: PyTree | None = None) -> tuple[PyTree, dict]:
-    """(adapters, info) from a directory written by `save_adapter`."""
+    """(adapters, info) from a directory written by `save_adapter`; damaged arrays are refused."""
     meta = read_info(directory)
     abstract = {}
     for path, m in meta["layout"].items():
@@ -67,8 +72,17 @@ def load_adapter(directory: str, shardings: PyTree | None = None) -> tuple[PyTre
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         )
-    adapters = ocp.StandardCheckpointer().restore(
-        os.path.join(os.path.abspath(directory), "arrays"), abstract
-    )
+    arrays = os.path.join(os.path.abspath(directory), "arrays")
+    try:
+        adapters = ocp.StandardCheckpointer().restore(arrays, abstract)
+    except Exception as e:  # torn or damaged files: Orbax/TensorStore say which in many lines
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise LoraError(f"adapter arrays in {arrays} are unreadable ({type(e).__name__}: {first})") from None
+    saved = meta.get("integrity", {}).get("checksums")
+    wrong = [] if saved is None else integrity.mismatches(saved, adapters)  # older adapters: no sums
+    if wrong:
+        raise LoraError(f"adapter at {directory} is damaged: array {wrong[0]} does not match the checksum "
+                        f"in its adapter.json{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}; "
+                        "refusing to load it")
     return adapters, meta["info"]
 

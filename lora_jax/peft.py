@@ -4,11 +4,14 @@ On disk: `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<HF module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r] (our A and B
 transposed), or `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r] for embeddings.
 Scaling is recomputed from r, lora_alpha and use_rslora on load, never taken on trust.
+Files we write carry a SHA-256 of each tensor in the safetensors metadata (`lora_jax.sha256`,
+which PEFT ignores); `load_adapter` refuses a file whose tensors do not match it.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import math
 import os
@@ -18,7 +21,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from lora_jax.adapters import Adapter, adapter_items
 from lora_jax.errors import LoraError
@@ -27,6 +31,7 @@ from lora_jax.paths import flat_paths, nest
 
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CHECKSUM_KEY = "lora_jax.sha256"
 _TASK_TYPES = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
 
 
@@ -77,7 +82,9 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
     if bad_ranks:
         warnings.warn(f"vLLM cannot serve ranks {bad_ranks}; it accepts {VLLM_RANKS}", stacklevel=2)
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    sums = json.dumps({k: _sha256(v) for k, v in tensors.items()}, sort_keys=True)
+    save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
+              metadata={"format": "pt", CHECKSUM_KEY: sums})
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -87,6 +94,34 @@ def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key.lstrip('^').rstrip('$')})$", module):
             return value
     return default
+
+
+def _sha256(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+    """The file's tensors, checked against the checksums we wrote into its metadata (if any)."""
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as e:  # a truncated or garbled file
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LoraError(f"{path} is unreadable ({type(e).__name__}: {reason})") from None
+    if CHECKSUM_KEY not in metadata:  # written by PEFT or another tool: nothing to check against
+        return tensors
+    try:
+        saved = json.loads(metadata[CHECKSUM_KEY])
+    except ValueError:
+        raise LoraError(f"{path} is damaged: its {CHECKSUM_KEY} metadata is not valid JSON") from None
+    wrong = [k for k in sorted(set(saved) | set(tensors))
+             if k not in tensors or saved.get(k) != _sha256(tensors[k])]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise LoraError(f"{path} is damaged: tensor '{wrong[0]}'{more} does not match the SHA-256 "
+                        "saved with it; refusing to load it")
+    return tensors
 
 
 def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -104,7 +139,7 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise LoraError(f"{directory} is a {config.get('peft_type')} adapter "
                         f"(use_dora={config.get('use_dora')}); only plain LoRA is supported")
-    return config, load_file(st_path)
+    return config, _read_tensors(st_path)
 
 
 def load_adapter(directory: str, model: Any) -> Any:
