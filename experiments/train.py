@@ -24,18 +24,14 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-hos
 
 def main(argv):
     del argv
-    import jax
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
     # With OCDBT off (see lora_jax/checkpoint.py) Orbax warns at each save that it has nothing to merge.
     logging.get_absl_handler().addFilter(lambda record: "Skipping merge of OCDBT" not in record.getMessage())
 
-    from lora_jax import cluster
+    from lora_jax.config_check import check_config
     from lora_jax.errors import LoraError
-    from lora_jax.trainer import train_and_evaluate
-
-    cluster.initialize(_COORD.value, _NPROC.value, _PID.value)
 
     config_path = flags.FLAGS["config"].config_filename
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
@@ -46,6 +42,13 @@ def main(argv):
               file=sys.stderr)
         sys.exit(1)
     try:
+        check_config(config, workdir)  # the trainer checks too; here it refuses before the heavy imports
+        import jax
+
+        from lora_jax import cluster
+        from lora_jax.trainer import train_and_evaluate
+
+        cluster.initialize(_COORD.value, _NPROC.value, _PID.value)
         result = train_and_evaluate(config, workdir)
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,12 +22,12 @@ import lora_jax
 from lora_jax import sharding as shd
 from lora_jax.adapter_io import save_adapter
 from lora_jax.checkpoint import RunCheckpoints, fingerprint
+from lora_jax.config_check import check_config
 from lora_jax.errors import LoraError
 from lora_jax.metrics import MetricWriter
 from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 from lora_jax.trainable import partition
 
-METHODS = ("lora", "full")
 # Fields a resumed run may change: how long it goes on and how often it reports.
 RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "ckpt_every", "keep_checkpoints")
 
@@ -69,8 +69,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
-    if config.method not in METHODS:
-        raise LoraError(f"method={config.method!r}; expected one of {METHODS}")
+    check_config(config, workdir)  # every field against configs/base.py, the paths, the workdir
     # ---- Mesh and the checks that need nothing else.
     mesh = shd.make_mesh(config.mesh)
     shd.check_batch(config.batch_size, config.grad_accum, mesh)

@@ -135,15 +135,15 @@ GOOD = {"text": "red cat", "label": "no"}
     ([GOOD, {"text": 7, "label": "no"}], r"bad\.jsonl:2: field 'text' must be a string, got int"),
     ([GOOD, ["red", "no"]], r"bad\.jsonl:2: expected a JSON object"),
 ])
-def test_bad_train_file_is_one_line_naming_file_and_line(tmp_path, files, lines, match):
+def test_bad_train_file_is_one_line_naming_file_and_line(tmp_path, files, bert_dir, lines, match):
     bad = _write(tmp_path / "bad.jsonl", lines)
-    c = _config(cls_config, str(tmp_path / "no_model"), bad, files["cls_eval"])
+    c = _config(cls_config, bert_dir, bad, files["cls_eval"])  # the file fails before the model loads
     _one_line_error(c, tmp_path / "run", match)
 
 
-def test_unknown_label_names_the_eval_line(tmp_path, files):
+def test_unknown_label_names_the_eval_line(tmp_path, files, bert_dir):
     dev = _write(tmp_path / "dev.jsonl", [GOOD, GOOD, {"text": "sun", "label": "maybe"}])
-    c = _config(cls_config, str(tmp_path / "no_model"), files["cls_train"], dev)
+    c = _config(cls_config, bert_dir, files["cls_train"], dev)
     _one_line_error(c, tmp_path / "run", r"dev\.jsonl:3: unknown label 'maybe' \(labels: no, yes\)")
     c.jsonl.labels, c.jsonl.eval = "yes,maybe", files["cls_eval"]  # a configured list is checked too
     _one_line_error(c, tmp_path / "run", r"train\.jsonl:1: unknown label 'no' \(labels: yes, maybe\)")
