@@ -199,6 +199,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             _save_tree(os.path.join(out_dir, "extra"), state.trainable["extra"])
     else:
         _save_tree(out_dir, state.trainable)
+    # Beside it, for HF-model tasks, the same adapter in PEFT's format (<workdir>/peft).
+    from lora_jax.run_export import write_run_peft
+
+    peft_note = write_run_peft(workdir, config, task, state.trainable)
+    if peft_note:
+        writer.message(peft_note)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "adapter.json"), "w") as f:
             json.dump(info, f, indent=1)

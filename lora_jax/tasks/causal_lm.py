@@ -64,7 +64,9 @@ def _missing_base(config: Any) -> str:
 
 
 def _model(config: Any, placer: Callable):
-    """(fn, placed params, tokenizer, source): the exported base, or a fresh random one."""
+    """(LoadedModel with placed params, tokenizer, source): the exported base, or a fresh random one."""
+    import dataclasses
+
     from lora_jax.models import from_config, load
 
     c = config.causal_lm
@@ -77,12 +79,13 @@ def _model(config: Any, placer: Callable):
             raise LoraError(f"causal_lm needs a Llama-family decoder with tokenizer.json; "
                             f"{config.model.path} is {model.family}, "
                             f"tokenizer: {model.tokenizer is not None}")
-        return model.fn, model.params, model.tokenizer, model.source
+        return model, model.tokenizer, model.source
     hf = hf_config(c)
     model = from_config(hf, seed=config.seed, dtype=dtype, **model_options(config))
     params = nest({p: to_device(np.asarray(w), placer(p, w.shape)) for p, w in flat_paths(model.params)})
     digest = hashlib.sha256(json.dumps(hf, sort_keys=True).encode()).hexdigest()[:12]
-    return model.fn, params, corpora.byte_tokenizer(), f"scratch:{digest}:seed{config.seed}"
+    return (dataclasses.replace(model, params=params), corpora.byte_tokenizer(),
+            f"scratch:{digest}:seed{config.seed}")
 
 
 def build(config: Any, placer: Callable, workdir: str) -> Task:
@@ -91,7 +94,7 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
     c = config.causal_lm
     if c.train_on not in ROLES:
         raise LoraError(f"causal_lm.train_on={c.train_on!r}; expected one of {ROLES}")
-    fn, params, tok, source = _model(config, placer)
+    model, tok, source = _model(config, placer)
     names = {"target": c.target, "source": c.source}
     train_stream, held = None, {}
     for role in ROLES:
@@ -125,9 +128,9 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
         return out
 
     return Task(
-        fn=fn, params=params, source=source,
+        fn=model.fn, params=model.params, source=source,
         inputs=lambda b: (b["input_ids"], b["attention_mask"]), loss=loss,
         batches=lambda position: corpora.iterate_windows(
             train_stream, c.seq_len, config.batch_size, config.seed, position),
-        evaluate=evaluate, train_examples=n_windows, tokenizer=tok,
+        evaluate=evaluate, train_examples=n_windows, tokenizer=tok, hf_model=model,
     )

@@ -282,5 +282,5 @@ def build(config: Any, placer: Any, workdir: str) -> Any:
         inputs=lambda b: (b["query_ids"], b["query_mask"]), loss=loss,
         batches=lambda position: iterate_batches(train_arrays, config.batch_size, config.seed, position),
         evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
-        save_cache=lambda directory: save_cache(directory, data),
+        save_cache=lambda directory: save_cache(directory, data), hf_model=model,
     )

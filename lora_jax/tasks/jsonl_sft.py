@@ -110,4 +110,4 @@ def build(config: Any, placer: Any, workdir: str) -> Task:
     return Task(fn=next_token_logp_fn(model), params=model.params, source=model.source,
                 inputs=lambda b: tuple(b[k] for k in BATCH_KEYS[:3]), loss=completion_loss,
                 batches=batches, evaluate=evaluate, train_examples=len(train),
-                tokenizer=model.tokenizer)
+                tokenizer=model.tokenizer, hf_model=model)

@@ -35,6 +35,10 @@ class Task:
     evaluate(forward, trainable): held-out metrics; forward(*numpy inputs) -> numpy outputs
       runs the current model; trainable is the tree being trained (adapters or params).
     train_examples: examples per epoch.
+    hf_model: the `lora_jax.models.LoadedModel` whose weights `params` are, when the task trains
+      a Hugging Face architecture as it is (PEFT / merged exports, lora_jax/run_export.py);
+      None for models of the task's own making or with task-added heads (planted_rank,
+      jsonl_classification). Its `source` is "" for a base made from scratch (no HF directory).
     """
 
     fn: Callable
@@ -47,3 +51,4 @@ class Task:
     train_examples: int
     tokenizer: Any = None
     save_cache: Callable[[str], None] | None = None  # keeps built data in the workdir
+    hf_model: Any = None
