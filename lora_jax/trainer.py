@@ -25,6 +25,7 @@ from lora_jax.checkpoint import RunCheckpoints, fingerprint
 from lora_jax.config_check import check_config
 from lora_jax.errors import LoraError
 from lora_jax.metrics import MetricWriter
+from lora_jax.preemption import StopSignals, TrainingStopped, stop_message
 from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 from lora_jax.trainable import partition
 
@@ -157,34 +158,45 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         writer.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
         return row
 
-    # ---- The loop.
+    # ---- The loop. SIGTERM/SIGINT: finish the step, checkpoint it, stop (lora_jax/preemption.py).
     last_eval = evaluate(0) if start == 0 else {}
     batches = task.batches(position)
     t0, done_since = time.perf_counter(), start
-    last_ckpt = ckpts.latest_step()
-    for step in range(start, steps):
-        batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
-        state, metrics = train_step(state, batch)
-        position += 1
-        done = step + 1
-        if done % config.log_every == 0 or done == steps:
-            row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
-            if not math.isfinite(row["loss"]):
-                ckpts.close()
-                good = "none" if last_ckpt is None else f"step {last_ckpt} in {ckpts.directory}"
-                raise LoraError(f"loss is {row['loss']} at step {done}; last good checkpoint: {good}")
-            elapsed = time.perf_counter() - t0
-            row["examples_per_s"] = (done - done_since) * config.batch_size / elapsed
-            row["step_time_s"] = elapsed / (done - done_since)
-            writer.write(done, row)
-            writer.progress(done, row["loss"], row["examples_per_s"])
-            t0, done_since = time.perf_counter(), done
-        if done % config.ckpt_every == 0 or done == steps:
-            ckpts.save(done, {"trainable": state.trainable, "opt_state": state.opt_state,
-                              "step": state.step}, position)
-            last_ckpt = done
-        if config.eval_every and done % config.eval_every == 0 and done != steps:
-            last_eval = evaluate(done)
+
+    def saved_tree() -> dict:
+        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
+
+    with StopSignals() as stop:
+        for step in range(start, steps):
+            batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
+            state, metrics = train_step(state, batch)
+            position += 1
+            done = step + 1
+            if done % config.log_every == 0 or done == steps:
+                row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
+                if not math.isfinite(row["loss"]):
+                    good = ckpts.last_good(_abstract(saved_tree(), saved_sh))  # read back and verified
+                    ckpts.close()
+                    good = "none" if good is None else f"step {good} in {ckpts.directory}"
+                    raise LoraError(f"loss is {row['loss']} at step {done}; last good checkpoint: {good}")
+                elapsed = time.perf_counter() - t0
+                row["examples_per_s"] = (done - done_since) * config.batch_size / elapsed
+                row["step_time_s"] = elapsed / (done - done_since)
+                writer.write(done, row)
+                writer.progress(done, row["loss"], row["examples_per_s"])
+                t0, done_since = time.perf_counter(), done
+            periodic = done % config.ckpt_every == 0 or done == steps
+            if periodic:
+                ckpts.save(done, saved_tree(), position)
+            signum = stop.agreed(last=done == steps)
+            if signum:
+                if not periodic:
+                    ckpts.save(done, saved_tree(), position)
+                ckpts.close()  # waits for the save
+                writer.close()
+                raise TrainingStopped(stop_message(signum, done, ckpts.directory), signum, done)
+            if config.eval_every and done % config.eval_every == 0 and done != steps:
+                last_eval = evaluate(done)
     if start < steps or not last_eval:
         last_eval = evaluate(steps)
     ckpts.close()
