@@ -84,7 +84,7 @@ def _is_dir_path(v: Any) -> bool:
 
 # name: (test of the value alone, what it allows: text, or a function making it)
 KINDS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
-    "regex": (_is_regex, "a valid regular expression"),
+    "regex": (_is_regex, "a valid, non-empty regular expression"),
     "task": (_is_task, lambda: "a task in lora_jax/tasks: " + ", ".join(repr(t) for t in task_names())),
     "corpus": (_is_corpus, "stdlib, pydoc_topics or an installed package's name"),
     "labels": (_is_labels, "distinct, non-empty comma-separated labels"),
