@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import io
 import math
+import operator
 import os
 import pkgutil
 import re
@@ -33,7 +34,7 @@ from lora_jax.errors import LoraError
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 _TYPED = re.compile(r"(?:(-?[\d.]+)\s*(<=|<)\s*)?(int|float|bool|str)(?:\s*(<=|<|>=|>)\s*(-?[\d.]+))?")
 _NOUNS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
-_OPS = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 def _is_int(v: Any) -> bool:
@@ -41,7 +42,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _is_regex(v: Any) -> bool:
@@ -117,7 +118,7 @@ def _typed(match: re.Match) -> tuple[Callable[[Any], bool], str]:
         bounds.append(({"<": ">", "<=": ">="}[lo_op], float(lo)))
     if hi is not None:
         bounds.append((hi_op, float(hi)))
-    test = lambda v: is_type(v) and all(_OPS[op](float(v), b) for op, b in bounds)
+    test = lambda v: is_type(v) and all(_OPS[op](v, b) for op, b in bounds)
     noun = _NOUNS[kind]
     if lo is not None and hi is not None:
         return test, f"{noun} in {'[' if lo_op == '<=' else '('}{lo}, {hi}{']' if hi_op == '<=' else ')'}"
@@ -157,7 +158,6 @@ def parse_rule(text: str) -> Rule:
 class Field:
     name: str  # dotted, e.g. "optimizer.lr"
     rule: Rule
-    line: int  # in the declaring file
 
 
 @functools.cache
@@ -184,7 +184,7 @@ def declared_fields(path: Path = BASE_CONFIG) -> dict[str, Field]:
                             "opening its comment")
         if name in fields:
             raise LoraError(f"{path}:{node.lineno}: field {name} is declared twice")
-        fields[name] = Field(name, parse_rule(rule.group(1)), node.lineno)
+        fields[name] = Field(name, parse_rule(rule.group(1)))
     return fields
 
 
