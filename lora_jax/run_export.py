@@ -87,9 +87,11 @@ def task_refusal(config: Any, task: Any, to: str) -> str | None:
     """Why this task's model has no `to` form (None when it has one)."""
     model = task.hf_model
     if model is None:
-        return (f"task {config.task} trains a model of its own making ({task.source}), which has no "
-                "Hugging Face form; peft and merged exist only for tasks on an HF model "
-                "(code_search, jsonl_sft, causal_lm)")
+        kept = ("adapter/ (lora_jax.adapter_io.load_adapter)" if config.method == "lora"
+                else "finetuned/ (an Orbax tree of the params)")
+        return (f"task {config.task}'s model ({task.source}) is not a Hugging Face model as it is; "
+                "peft and merged exist for code_search, jsonl_sft and causal_lm runs; this run's "
+                f"weights are in its {kept}")
     if to == "peft" and not model.source:
         return ("the base was made from scratch by the task, so a PEFT adapter has no base "
                 "directory to point at; --to merged exports base + adapter as a full model")

@@ -147,9 +147,9 @@ CASES = {
                      r"method=full\) and PEFT holds LoRA adapters only; --to merged exports"),
     "train_also as peft": (lambda r, p, t: (_edited_run(r, t, **{"lora.train_also": ".*pooler.*"}), "peft"),
                            r"modules_to_save is not supported; --to merged exports all of it"),
-    "task-made as peft": (lambda r, p, t: (p, "peft"), r"task planted_rank trains a model of its "
-                          r"own making \(planted_rank\(seed=0\)\), which has no Hugging Face form"),
-    "task-made as merged": (lambda r, p, t: (p, "merged"), r"no merged form: task planted_rank"),
+    "task-made as peft": (lambda r, p, t: (p, "peft"), r"task planted_rank's model \(planted_rank\(seed="
+                          r"0\)\) is not a Hugging Face model as it is; .* its adapter/ \(lora_jax"),
+    "task-made as merged": (lambda r, p, t: (p, "merged"), r"no merged form: task planted_rank's model"),
 }
 
 
@@ -183,6 +183,37 @@ def test_main_job_says_why_a_train_also_run_has_no_peft_copy_and_drops_a_stale_o
     note = write_run_peft(str(tmp_path), config, task, {"adapters": {}, "extra": {"x": 1}})
     assert note.startswith(f"no PEFT copy in {tmp_path / 'peft'}: the run also trained base weights")
     assert not (tmp_path / "peft").exists()
+
+
+def test_main_job_peft_copy_of_an_rslora_run_says_use_rslora(run_dir, tmp_path):
+    from lora_jax.run_export import load_run_config
+    from lora_jax.trainer import lora_spec
+
+    config = load_run_config(_edited_run(run_dir, tmp_path, **{"lora.scaling": "rslora"}))
+    model = M.load(minilm.get_model_path())
+    spec = lora_spec(config.lora)
+    adapters = lora_jax.init(jax.random.key(0), model.fn, model.params, IDS, MASK, spec=spec)
+    task = type("T", (), {"hf_model": model, "source": "minilm"})()
+    assert "PEFT adapter" in write_run_peft(str(tmp_path), config, task, {"adapters": adapters, "extra": {}})
+    saved = _json(tmp_path / "peft" / "adapter_config.json")
+    assert (saved["use_rslora"], saved["r"], saved["lora_alpha"]) == (True, 16, 32.0)
+
+
+def test_merged_export_of_a_full_finetune_is_its_weights(run_dir, ours, tmp_path):
+    from lora_jax.trainer import _save_tree
+
+    workdir = _edited_run(run_dir, tmp_path, method="full")  # a finished full run, as the trainer saves it
+    model = M.load(minilm.get_model_path())
+    rng = np.random.default_rng(1)
+    tuned = jax.tree.map(lambda w: w + 0.01 * rng.standard_normal(w.shape).astype(w.dtype), model.params)
+    _save_tree(os.path.join(workdir, "finetuned"), tuned)
+    with open(os.path.join(workdir, "adapter.json"), "w") as f:
+        json.dump({"steps": 7}, f)
+    assert "finished run (step 7)" in export_run(workdir, "merged", str(tmp_path / "merged"))
+    theirs = transformers.AutoModel.from_pretrained(tmp_path / "merged").eval()
+    expected = np.asarray(model.fn(tuned, IDS, MASK))
+    assert np.abs(expected - ours[1]).max() > 1e-3
+    np.testing.assert_allclose(_torch_hidden(theirs), expected, atol=ATOL, rtol=0)
 
 
 def test_cli_as_a_user_runs_it(tmp_path):
