@@ -5,6 +5,8 @@ rule (`lora_jax.rules`): views (transpose, dtype casts, sharding constraints) mo
 factors together; consumers (dot_general, conv, gather) add the factored low-rank branch;
 higher-order primitives (jit, scan, while, cond, remat, custom_jvp/vjp) are evaluated again with
 this interpreter inside, so stacked adapters are sliced by the same scan that slices the weights.
+A weight such a primitive hands back unchanged (`nnx.remat` returns the module's weights, a scan
+carries a loop-invariant one) comes out as the same `Tracked`; only a changed one is refused.
 
 The same interpreter runs in discovery mode (`Context.uses` is a list, A and B are None): then
 consumers only record how each weight is contracted, which is how `init` picks adapter shapes.
@@ -63,11 +65,12 @@ class Use:
 
     path: str
     prim: str
-    kind: str  # "dot" | "conv" | "gather" | "other"
+    kind: str  # "dot" | "conv" | "gather" (any indexed lookup) | "other" | "changed"
     contract: frozenset = frozenset()
     batch: frozenset = frozenset()
     free: frozenset = frozenset()
     sliced: tuple[int, ...] = ()
+    note: str = ""  # why a use of kind "other" or "changed" cannot be factored
 
 
 @dataclasses.dataclass
@@ -136,13 +139,67 @@ def eval_closed(closed: jex.core.ClosedJaxpr, args: Sequence[Any], ctx: Context)
     return eval_jaxpr(closed.jaxpr, closed.consts, args, ctx)
 
 
-def no_tracked_out(outs: Sequence[Any], prim: str) -> None:
-    for x in outs:
+def untrack_changed(values: Sequence[Any], prim: str, ctx: Context, what: str) -> list[Any]:
+    """Refuse tracked weights that a higher-order primitive changes and hands on (a loop carry
+    that is not loop-invariant, a result computed from W); discovery records them instead, so
+    `init` and `describe` can name the weight and the reason."""
+    out = []
+    for x in values:
         if is_tracked(x):
-            raise LoraError(
-                f"weight '{x.path}' leaves '{prim}' as a loop carry or result; LoRA can factor "
-                "weights that are consumed inside a loop, not ones carried through it"
-            )
+            if not ctx.discovering:
+                raise LoraError(changed_message(x.path, prim, what))
+            ctx.uses.append(Use(x.path, prim, "changed", note=what))
+            x = x.w
+        out.append(x)
+    return out
+
+
+def changed_message(path: str, prim: str, what: str) -> str:
+    return (f"weight '{path}' leaves '{prim}' as {what} that '{prim}' changes; LoRA follows a "
+            f"weight into '{prim}' and through it unchanged, not one it computes")
+
+
+_CALLS = {"remat2": "jaxpr", "checkpoint": "jaxpr", "jit": "jaxpr", "pjit": "jaxpr",
+          "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+          "custom_vjp_call": "call_jaxpr"}
+
+
+def _forwards(jaxpr: jex.core.Jaxpr) -> dict[int, int]:
+    """{output position: input position} for outputs that are an input unchanged, also when it
+    went through nested calls on the way (a scan body returning what an inner remat returned)."""
+    alias = {v: i for i, v in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+        inner = eqn.params.get(_CALLS.get(eqn.primitive.name, ""))
+        inner = getattr(inner, "jaxpr", inner)
+        if inner is None or len(inner.invars) != len(eqn.invars):
+            continue
+        for o, i in _forwards(inner).items():
+            v = eqn.invars[i]
+            if not isinstance(v, jex.core.Literal) and v in alias:
+                alias[eqn.outvars[o]] = alias[v]
+    return {o: alias[v] for o, v in enumerate(jaxpr.outvars)
+            if not isinstance(v, jex.core.Literal) and v in alias}
+
+
+def passed_through(jaxpr: jex.core.Jaxpr, invals: Sequence[Any], offset: int = 0) -> dict[int, int]:
+    """{output position: input position} for outputs that are a tracked input unchanged.
+
+    `offset` is where `invals` start among `jaxpr`'s inputs (a scan's consts and carry, a cond's
+    operands after the branch index).
+    """
+    found = {}
+    for o, i in _forwards(jaxpr).items():
+        if 0 <= i - offset < len(invals) and is_tracked(invals[i - offset]):
+            found[o] = i - offset
+    return found
+
+
+def _fill(outs: Sequence[Any], passed: dict[int, int], invals: Sequence[Any]) -> list[Any]:
+    return [invals[passed[o]] if o in passed else x for o, x in enumerate(outs)]
+
+
+def _blank(outs: Sequence[Any], passed: dict[int, int]) -> list[Any]:
+    return [None if o in passed else x for o, x in enumerate(outs)]
 
 
 # ---------------------------------------------------------------- higher-order primitives
@@ -165,15 +222,16 @@ def inline_rule(jaxpr_param: str) -> Callable:
 
 
 def remat_rule(eqn, invals, ctx):
+    """Weights the body returns unchanged (`nnx.remat` returns the module's) come out as they
+    went in; a view computed inside leaves as a `Tracked` pytree."""
     jaxpr = eqn.params["jaxpr"]
+    passed = passed_through(jaxpr, invals)
 
     def body(*args):
-        return eval_jaxpr(jaxpr, (), args, ctx)
+        return _blank(eval_jaxpr(jaxpr, (), args, ctx), passed)
 
     fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
-    outs = fn(*invals)
-    no_tracked_out(outs, eqn.primitive.name)
-    return outs
+    return _fill(fn(*invals), passed, invals)
 
 
 def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], Tracked]]:
@@ -201,11 +259,30 @@ def _scan_counts(p: dict) -> tuple[int, int]:
     return len(consts), len(carry)
 
 
+def _invariant_carry(jaxpr: jex.core.Jaxpr, carry: Sequence[Any], first: int) -> set[int]:
+    """Tracked carries the loop body hands back unchanged: loop-invariant, so held as consts."""
+    passed = passed_through(jaxpr, carry, first)
+    return {o for o, i in passed.items() if o == i}
+
+
+def _split_carry(carry: Sequence[Any], held: set[int]) -> list[Any]:
+    return [c for i, c in enumerate(carry) if i not in held]
+
+
+def _join_carry(carry: Sequence[Any], held: set[int], looped: Sequence[Any]) -> list[Any]:
+    it = iter(looped)
+    return [carry[i] if i in held else next(it) for i in range(len(carry))]
+
+
 def scan_rule(eqn, invals, ctx):
     p = eqn.params
     n_consts, n_carry = _scan_counts(p)
     consts, carry, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
-    no_tracked_out(carry, "scan")
+    body_jaxpr = p["jaxpr"].jaxpr
+    held = _invariant_carry(body_jaxpr, carry, n_consts)
+    looped = untrack_changed(_split_carry(carry, held), "scan", ctx, "a loop carry")
+    ys_passed = {o - n_carry: i for o, i in
+                 passed_through(body_jaxpr, xs, n_consts + n_carry).items() if o >= n_carry}
     xs_arrays, rebuilds = [], []
     for x in xs:
         if is_tracked(x):
@@ -219,47 +296,54 @@ def scan_rule(eqn, invals, ctx):
 
     def body(carry_in, step):
         step_xs, key = step
-        args = [*consts, *carry_in, *(rb(x) for rb, x in zip(rebuilds, step_xs, strict=True))]
+        step_xs = [rb(x) for rb, x in zip(rebuilds, step_xs, strict=True)]
+        args = [*consts, *_join_carry(carry, held, carry_in), *step_xs]
         outs = eval_closed(p["jaxpr"], args, ctx.child(key))
-        no_tracked_out(outs, "scan")
-        return outs[:n_carry], outs[n_carry:]
+        carry_out = untrack_changed(_split_carry(outs[:n_carry], held), "scan", ctx, "a loop carry")
+        ys = untrack_changed(_blank(outs[n_carry:], ys_passed), "scan", ctx, "a result")
+        return carry_out, ys
 
     carry_out, ys = jax.lax.scan(
-        body, list(carry), (xs_arrays, keys), length=p["length"], reverse=p["reverse"],
-        unroll=p["unroll"],
+        body, looped, (xs_arrays, keys), length=p["length"],
+        reverse=p["reverse"], unroll=p["unroll"],
     )
-    return [*carry_out, *ys]
+    return [*_join_carry(carry, held, carry_out), *_fill(ys, ys_passed, xs)]
 
 
 def while_rule(eqn, invals, ctx):
     p = eqn.params
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
     cond_consts, body_consts, carry = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
-    no_tracked_out(carry, "while")
+    held = _invariant_carry(p["body_jaxpr"].jaxpr, carry, nb)
+    looped = untrack_changed(_split_carry(carry, held), "while", ctx, "a loop carry")
 
     def cond_fn(c):
-        return eval_closed(p["cond_jaxpr"], [*cond_consts, *c], ctx.child())[0]
+        args = [*cond_consts, *_join_carry(carry, held, c)]
+        return eval_closed(p["cond_jaxpr"], args, ctx.child())[0]
 
     def body_fn(c):
-        outs = eval_closed(p["body_jaxpr"], [*body_consts, *c], ctx.child())
-        no_tracked_out(outs, "while")
-        return outs
+        outs = eval_closed(p["body_jaxpr"], [*body_consts, *_join_carry(carry, held, c)], ctx.child())
+        return untrack_changed(_split_carry(outs, held), "while", ctx, "a loop carry")
 
-    return jax.lax.while_loop(cond_fn, body_fn, list(carry))
+    return _join_carry(carry, held, jax.lax.while_loop(cond_fn, body_fn, looped))
 
 
 def cond_rule(eqn, invals, ctx):
+    """An operand every branch returns unchanged comes out as it went in."""
     index, *ops = invals
+    branches = eqn.params["branches"]
+    each = [passed_through(b.jaxpr, ops) for b in branches]
+    passed = {o: i for o, i in each[0].items() if all(e.get(o) == i for e in each)}
 
     def branch(closed):
         def fn(*args):
-            outs = eval_closed(closed, args, ctx.child())
-            no_tracked_out(outs, "cond")
-            return outs
+            outs = _blank(eval_closed(closed, args, ctx.child()), passed)
+            return untrack_changed(outs, "cond", ctx, "a result")
 
         return fn
 
-    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *ops)
+    outs = jax.lax.switch(index, [branch(b) for b in branches], *ops)
+    return _fill(outs, passed, ops)
 
 
 HIGHER_ORDER: dict[str, Callable] = {

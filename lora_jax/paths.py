@@ -6,11 +6,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import numpy as np
+
+from lora_jax.errors import LoraError
 
 PyTree = Any
 
-# Trailing attribute names that only box a value (nnx Variables); they are not part of a name.
-_BOX_ATTRS = ("value", "raw_value")
+# Trailing attribute names that only box a value (nnx Variables, penzai's Parameter values and
+# NamedArrays); they are not part of a name.
+_BOX_ATTRS = ("value", "raw_value", "data_array")
 
 
 def _entry_name(entry: Any) -> str:
@@ -44,3 +48,21 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(name, {})
         node[last] = value
     return out
+
+
+def array_paths(params: PyTree, abstract: bool = False) -> list[tuple[str, Any]]:
+    """`flat_paths(params)`, refusing a leaf that is not an array (a function or string left in
+    an unpartitioned module). `abstract` also admits `jax.ShapeDtypeStruct` leaves."""
+    kinds = (jax.Array, np.ndarray, np.generic) + ((jax.ShapeDtypeStruct,) if abstract else ())
+    flat = flat_paths(params)
+    for path, leaf in flat:
+        if not isinstance(leaf, kinds):
+            kind = type(leaf).__qualname__
+            if type(leaf).__module__ != "builtins":
+                kind = f"{type(leaf).__module__}.{kind}"
+            raise LoraError(
+                f"params leaf '{path}' is a {kind}, "
+                "not an array; pass only the arrays as params (e.g. eqx.partition(model, "
+                "eqx.is_array)) and let fn close over the rest"
+            )
+    return flat

@@ -61,20 +61,23 @@ def _delta_view(t: Tracked) -> jax.Array:
     return jnp.einsum(f"{a_lab},{b_lab}->{out}", t.a * t.scale, t.b).astype(t.w.dtype)
 
 
-def _unsupported(eqn, invals, ctx: Context):
+def _unsupported(eqn, invals, ctx: Context, note: str = ""):
     name = eqn.primitive.name
     tracked = [x for x in invals if is_tracked(x)]
     if ctx.discovering:
-        ctx.uses.extend(Use(t.path, name, "other") for t in tracked)
+        ctx.uses.extend(Use(t.path, name, "other", note=note) for t in tracked)
         invals = [x.w if is_tracked(x) else x for x in invals]
     elif ctx.allow_materialize and ctx.rows is None:
         invals = [x.w + _delta_view(x) if is_tracked(x) else x for x in invals]
     else:
-        raise LoraError(
-            f"weight '{tracked[0].path}' reaches '{name}', which LoRA cannot factor; "
-            "pass allow_materialize=True to form W+ΔW there"
-        )
+        raise LoraError(unfactorable_message(tracked[0].path, name, note))
     return bind(eqn, invals)
+
+
+def unfactorable_message(path: str, prim: str, note: str = "") -> str:
+    why = f" ({note})" if note else ""
+    return (f"weight '{path}' reaches '{prim}'{why}, which LoRA cannot factor; "
+            "pass allow_materialize=True to form W+ΔW there")
 
 
 # ---------------------------------------------------------------- consumers
@@ -169,25 +172,51 @@ def _with_w(invals):
     return [x.w if is_tracked(x) else x for x in invals]
 
 
-def _as_kernel(t: Tracked, a, factor_axes: tuple[int, ...], out_axis: int):
-    """A laid out like W's view, with the rank axis standing where W's output axis is."""
-    pos = {o: i for i, o in enumerate(factor_axes)}
-    perm = [len(factor_axes) if o == out_axis else pos[o] for o in t.w_axes]
-    return jnp.transpose(a, perm)
+def _as_kernel(t: Tracked, a):
+    """A laid out like W's view: input axes where W has them, the rank axis at W's first output
+    axis (in view order) and size-1 axes at its other output axes."""
+    outs = [o for o in t.w_axes if o in t.layout.outputs]
+    a = a.reshape(a.shape + (1,) * (len(outs) - 1))
+    pos = {o: i for i, o in enumerate(t.layout.inputs)}
+    pos.update({o: len(pos) + k for k, o in enumerate(outs)})
+    return jnp.transpose(a, [pos[o] for o in t.w_axes])
 
 
-def _contract_rank(mid, axis: int, b, scale: float):
-    """Replace `mid`'s rank axis at `axis` by W's output axis through B (scaled)."""
-    mid = jnp.moveaxis(mid, axis, -1) * jnp.asarray(scale, mid.dtype)
-    out = jnp.einsum("...r,ro->...o", mid, b.astype(mid.dtype))
-    return jnp.moveaxis(out, -1, axis)
+def _kernel_sizes(t: Tracked, sizes, rank: int) -> tuple[int, ...]:
+    """Slice sizes for `_as_kernel`'s array: W's on input axes, all of the rank axis, 1 else."""
+    first_out = next(o for o in t.w_axes if o in t.layout.outputs)
+    return tuple(rank if o == first_out else 1 if o in t.layout.outputs else s
+                 for o, s in zip(t.w_axes, sizes, strict=True))
+
+
+def _to_outputs(mid, t: Tracked, out_pos: dict[int, int], b, mixed: bool = False):
+    """s·mid·B: `mid` (an op on `_as_kernel`'s array) holds the rank where the op's output holds
+    W's first output axis; `out_pos` maps each original output axis to its output position.
+    `mixed`: axis 0 of `mid` is the example axis and `b` has one B per example."""
+    labels = iter(_LABELS)
+    mid_lab = [next(labels) for _ in range(mid.ndim)]
+    out_lab = list(mid_lab)
+    w_lab = {o: next(labels) for o in t.layout.outputs}
+    for o, i in out_pos.items():
+        out_lab[i] = w_lab[o]
+    mid_lab[out_pos[next(o for o in t.w_axes if o in out_pos)]] = R  # other outputs: size 1, summed
+    b_lab = R + "".join(w_lab[o] for o in t.layout.outputs)
+    if mixed:
+        mid_lab[0] = out_lab[0] = EX
+        b_lab = EX + b_lab
+    mid = mid * jnp.asarray(t.scale, mid.dtype)
+    return jnp.einsum(f"{''.join(mid_lab)},{b_lab}->{''.join(out_lab)}", mid, b.astype(mid.dtype))
 
 
 def _conv(eqn, invals, ctx):
     x, t = invals
     p = eqn.params
-    if is_tracked(x) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    if is_tracked(x):
         return _unsupported(eqn, invals, ctx)
+    for group in ("feature_group_count", "batch_group_count"):
+        if p[group] != 1:
+            return _unsupported(eqn, invals, ctx, f"a grouped conv with {group}={p[group]}: "
+                                "each group would need its own adapter")
     dn = p["dimension_numbers"]
     out_feat, in_feat, *spatial = dn.rhs_spec
     contract = frozenset(t.w_axes[i] for i in (in_feat, *spatial))
@@ -199,9 +228,34 @@ def _conv(eqn, invals, ctx):
     if t.stack_left or contract != frozenset(t.layout.inputs) or ctx.rows is not None:
         return _unsupported(eqn, invals, ctx)
     base = eqn.primitive.bind(x, t.w, **p)
-    kernel_a = _as_kernel(t, t.a, t.layout.inputs, t.w_axes[out_feat]).astype(t.w.dtype)
+    kernel_a = _as_kernel(t, t.a).astype(t.w.dtype)
     mid = eqn.primitive.bind(_dropout(x, t, ctx), kernel_a, **p)
-    return base + _contract_rank(mid, dn.out_spec[1], t.b, t.scale).astype(base.dtype)
+    return base + _to_outputs(mid, t, {t.w_axes[out_feat]: dn.out_spec[1]}, t.b).astype(base.dtype)
+
+
+# ---------------------------------------------------------------- lookups (embeddings)
+#
+# A lookup reads rows of W: gather (W[ids], jnp.take, vmap(lambda i: W[i])) or dynamic_slice
+# (W[i] with a traced scalar i). An axis read whole -- its slice is its full size and it is not
+# collapsed -- is not indexed (its start clamps to 0): it is an output axis. The other axes are
+# indexed; A has them too, so the same lookup on A, with the rank axis in place of the outputs,
+# gives x·A, and B maps that to the outputs.
+
+
+def _lookup_axes(t: Tracked, sizes, collapsed=()) -> tuple[list[int], list[int]]:
+    """(indexed, whole) axes of W's view for a lookup with these slice sizes."""
+    whole = [i for i, n in enumerate(t.w.shape) if sizes[i] == n and i not in collapsed]
+    return [i for i in range(t.w.ndim) if i not in whole], whole
+
+
+def _lookup_use(t: Tracked, prim: str, indexed, whole, ctx: Context) -> bool:
+    """Record the lookup in discovery; False when this adapter cannot take it factored."""
+    contract = frozenset(t.w_axes[i] for i in indexed)
+    if ctx.discovering:
+        ctx.uses.append(Use(t.path, prim, "gather", contract, frozenset(),
+                            frozenset(t.w_axes[i] for i in whole), t.sliced))
+        return True
+    return not t.stack_left and contract == frozenset(t.layout.inputs)
 
 
 def _gather(eqn, invals, ctx):
@@ -210,37 +264,73 @@ def _gather(eqn, invals, ctx):
     dn = p["dimension_numbers"]
     if is_tracked(idx) or dn.operand_batching_dims:
         return _unsupported(eqn, invals, ctx)
-    indexed = [i for i in range(t.w.ndim) if i in dn.start_index_map or i in dn.collapsed_slice_dims]
-    whole = [i for i in range(t.w.ndim) if i not in indexed]
-    if any(p["slice_sizes"][i] != t.w.shape[i] for i in whole):
-        return _unsupported(eqn, invals, ctx)
-    contract = frozenset(t.w_axes[i] for i in indexed)
-    free = frozenset(t.w_axes[i] for i in whole)
-    if ctx.discovering:
-        ctx.uses.append(Use(t.path, "gather", "gather", contract, frozenset(), free, t.sliced))
-        return eqn.primitive.bind(t.w, idx, **p)
-    if t.stack_left or len(whole) != 1 or contract != frozenset(t.layout.inputs):
+    indexed, whole = _lookup_axes(t, p["slice_sizes"], dn.collapsed_slice_dims)
+    if not whole:
+        return _unsupported(eqn, invals, ctx, "a lookup of single elements, no whole axis")
+    if not indexed or not _lookup_use(t, "gather", indexed, whole, ctx):
         return _unsupported(eqn, invals, ctx)
     base = eqn.primitive.bind(t.w, idx, **p)
-    (out_axis,) = whole
-    sizes = list(p["slice_sizes"])
-    sizes[out_axis] = t.a.shape[-1]
+    if ctx.discovering:
+        return base
     kept = [i for i in range(t.w.ndim) if i not in dn.collapsed_slice_dims]
-    rank_axis = dn.offset_dims[kept.index(out_axis)]
+    out_pos = {t.w_axes[i]: dn.offset_dims[kept.index(i)] for i in whole}
+    rank = t.a.shape[-1]
+    kp = {**p, "slice_sizes": _kernel_sizes(t, p["slice_sizes"], rank)}
+    if p["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        kp["fill_value"] = 0  # a dropped row gets W's fill value and no LoRA branch
     if ctx.rows is None:
-        kernel_a = _as_kernel(t, t.a, t.layout.inputs, t.w_axes[out_axis])
-        mid = eqn.primitive.bind(kernel_a, idx, **{**p, "slice_sizes": tuple(sizes)})
-        return base + _contract_rank(mid, rank_axis, t.b, t.scale).astype(base.dtype)
-    # Mixed batch: the K tables stacked into one [K·V, r] table, indexed by k·V + id.
-    if indexed != [0] or idx.shape[0] != ctx.rows.shape[0] or rank_axis == 0:
-        return _unsupported(eqn, invals, ctx)
-    kernel_a = jax.vmap(lambda a: _as_kernel(t, a, t.layout.inputs, t.w_axes[out_axis]))(t.a)
-    flat = kernel_a.reshape(-1, *kernel_a.shape[2:])
-    offset = (ctx.rows * t.w.shape[0]).astype(idx.dtype).reshape((-1,) + (1,) * (idx.ndim - 1))
-    mid = eqn.primitive.bind(flat, idx + offset, **{**p, "slice_sizes": tuple(sizes)})
+        mid = eqn.primitive.bind(_as_kernel(t, t.a), idx, **kp)
+        return base + _to_outputs(mid, t, out_pos, t.b).astype(base.dtype)
+    # Mixed batch: the K tables stacked along the indexed axis, read at row k·V + id.
+    if len(indexed) != 1 or indexed[0] not in dn.start_index_map or 0 in dn.offset_dims \
+            or idx.ndim < 2 or idx.shape[0] != ctx.rows.shape[0]:
+        raise LoraError(
+            f"a mixed-adapter batch needs a lookup into '{t.path}' that indexes one axis with "
+            f"the {ctx.rows.shape[0]} examples on the leading axis of the ids; got ids of shape "
+            f"{tuple(idx.shape)} indexing axes {indexed}"
+        )
+    (ax,) = indexed
+    tables = jnp.moveaxis(jax.vmap(lambda a: _as_kernel(t, a))(t.a), 0, ax)
+    flat = tables.reshape(*tables.shape[:ax], -1, *tables.shape[ax + 2 :])
+    j = dn.start_index_map.index(ax)
+    v, size = t.w.shape[ax], p["slice_sizes"][ax]
+    start = idx[..., j]
+    if p["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP:
+        start = jnp.where((start >= 0) & (start <= v - size), start, -1)  # dropped in flat too
+    else:
+        start = jnp.clip(start, 0, v - size)  # where the base's clamping puts it
+    rows = ctx.rows.astype(idx.dtype).reshape((-1,) + (1,) * (start.ndim - 1))
+    start = jnp.where(start >= 0, start + rows * v, start)
+    mid = eqn.primitive.bind(flat, idx.at[..., j].set(start), **kp)
     mid = mid * ctx.row_mask.astype(mid.dtype).reshape((-1,) + (1,) * (mid.ndim - 1))
-    delta = jax.vmap(lambda m, b: _contract_rank(m, rank_axis - 1, b, t.scale))(mid, t.b[ctx.rows])
-    return base + delta.astype(base.dtype)
+    return base + _to_outputs(mid, t, out_pos, t.b[ctx.rows], mixed=True).astype(base.dtype)
+
+
+def _dynamic_slice(eqn, invals, ctx):
+    t, *starts = invals
+    sizes = eqn.params["slice_sizes"]
+    if any(is_tracked(s) for s in starts):
+        return _unsupported(eqn, invals, ctx)
+    indexed, whole = _lookup_axes(t, sizes)
+    if not indexed:  # the whole of W: a view
+        return dataclasses.replace(t, w=eqn.primitive.bind(t.w, *starts, **eqn.params))
+    if not whole:
+        return _unsupported(eqn, invals, ctx, "a slice of every axis, no whole axis")
+    if not _lookup_use(t, "dynamic_slice", indexed, whole, ctx):
+        return _unsupported(eqn, invals, ctx)
+    base = eqn.primitive.bind(t.w, *starts, **eqn.params)
+    if ctx.discovering:
+        return base
+    if ctx.rows is not None:
+        raise LoraError(
+            f"a mixed-adapter batch needs a lookup into '{t.path}' with the examples on the "
+            "leading axis of the ids, but this one reads one slice for the whole batch "
+            "(W[i] with a scalar i); look up all examples' ids at once, e.g. under jax.vmap"
+        )
+    kp = {**eqn.params, "slice_sizes": _kernel_sizes(t, sizes, t.a.shape[-1])}
+    mid = eqn.primitive.bind(_as_kernel(t, t.a), *starts, **kp)
+    out_pos = {t.w_axes[i]: i for i in whole}
+    return base + _to_outputs(mid, t, out_pos, t.b).astype(base.dtype)
 
 
 _RULES = {
@@ -252,6 +342,7 @@ _RULES = {
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "gather": _gather,
+    "dynamic_slice": _dynamic_slice,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,8 +13,17 @@ import numpy as np
 
 from lora_jax.adapters import Adapter, check_fits
 from lora_jax.errors import LoraError
-from lora_jax.interpreter import Context, Layout, Tracked, Use, eval_closed, is_tracked
-from lora_jax.paths import flat_paths, nest
+from lora_jax.interpreter import (
+    Context,
+    Layout,
+    Tracked,
+    Use,
+    changed_message,
+    eval_closed,
+    is_tracked,
+)
+from lora_jax.paths import array_paths, flat_paths, nest
+from lora_jax.rules import unfactorable_message
 from lora_jax.spec import LoraSpec
 
 PyTree = Any
@@ -43,6 +53,7 @@ def _trace(fn: Callable, params: PyTree, args: Sequence[Any]):
 
 
 def _discover(fn, params, args, targeted: set[str]) -> list[Use]:
+    """How `fn` uses each targeted weight, traced abstractly (jax.eval_shape: nothing allocated)."""
     closed, _, dyn = _trace(fn, params, args)
     ctx = Context(uses=[])
     paths = [p for p, _ in flat_paths(params)]
@@ -63,13 +74,13 @@ def _layout(path: str, shape: tuple[int, ...], uses: list[Use], allow_materializ
     """Adapter axes from how `fn` contracts the weight; every other use must fit them."""
     if not uses:
         raise LoraError(f"target '{path}' matches a parameter that the function never uses")
+    for u in uses:
+        if u.kind == "changed":
+            raise LoraError(changed_message(path, u.prim, u.note))
     factorable = [u for u in uses if u.kind != "other"]
     others = [u for u in uses if u.kind == "other"]
     if others and not allow_materialize:
-        raise LoraError(
-            f"weight '{path}' reaches '{others[0].prim}', which LoRA cannot factor; "
-            "pass allow_materialize=True to form W+ΔW there"
-        )
+        raise LoraError(unfactorable_message(path, others[0].prim, others[0].note))
     if not factorable:  # only materialised uses: split W as [all but last axis] x [last axis]
         return Layout((), tuple(range(len(shape) - 1)), (len(shape) - 1,))
     gathers = [u for u in factorable if u.kind == "gather"]
@@ -88,21 +99,33 @@ def _layout(path: str, shape: tuple[int, ...], uses: list[Use], allow_materializ
     return Layout(stack, inputs, outputs)
 
 
-def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec: LoraSpec,
-         allow_materialize: bool = False) -> PyTree:
-    """Adapters for every weight of `params` that `spec.targets` selects.
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """What `init` builds for one targeted weight, or (`refusal`) why it cannot."""
 
-    `fn(params, *example_args)` is traced once; each targeted weight gets A [*stack, *inputs, r]
-    and B [*stack, r, *outputs] from how it is actually contracted. A starts random, B at zero.
-    """
-    weights = dict(flat_paths(params))
-    targeted = spec.select(list(weights))
-    uses = _discover(fn, params, example_args, set(targeted))
-    out = {}
-    for i, path in enumerate(targeted):
-        shape = tuple(weights[path].shape)
-        lay = _layout(path, shape, [u for u in uses if u.path == path], allow_materialize)
-        r = spec.rank_for(path)
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    rank: int
+    layout: Layout | None
+    refusal: str | None = None
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        lay = self.layout
+        return tuple(self.shape[j] for j in (*lay.stack, *lay.inputs)) + (self.rank,)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        lay = self.layout
+        stack = tuple(self.shape[j] for j in lay.stack)
+        return stack + (self.rank,) + tuple(self.shape[j] for j in lay.outputs)
+
+
+def _plan_one(path: str, w: Any, uses: list[Use], spec: LoraSpec, allow_materialize: bool) -> Planned:
+    shape, r = tuple(w.shape), spec.rank_for(path)
+    try:
+        lay = _layout(path, shape, uses, allow_materialize)
         n_in = math.prod(shape[j] for j in lay.inputs)
         n_out = math.prod(shape[j] for j in lay.outputs)
         if r > min(n_in, n_out):
@@ -110,18 +133,46 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
                 f"rank {r} for '{path}' exceeds what its {n_in}x{n_out} map allows "
                 f"(at most {min(n_in, n_out)})"
             )
-        stack = tuple(shape[j] for j in lay.stack)
-        a_shape = stack + tuple(shape[j] for j in lay.inputs) + (r,)
-        b_shape = stack + (r,) + tuple(shape[j] for j in lay.outputs)
+    except LoraError as e:
+        return Planned(path, shape, w.dtype, r, None, str(e))
+    return Planned(path, shape, w.dtype, r, lay)
+
+
+def plan(fn: Callable, params: PyTree, args: Sequence[Any], spec: LoraSpec,
+         allow_materialize: bool = False) -> list[Planned]:
+    """The adapter layout of every targeted weight, from one abstract trace; refusals are
+    reported per weight, not raised (`init` raises the first, `describe` lists them all).
+    `params` may hold `jax.ShapeDtypeStruct`s."""
+    weights = dict(array_paths(params, abstract=True))
+    targeted = spec.select(list(weights))
+    uses = _discover(fn, params, args, set(targeted))
+    return [_plan_one(p, weights[p], [u for u in uses if u.path == p], spec, allow_materialize)
+            for p in targeted]
+
+
+def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec: LoraSpec,
+         allow_materialize: bool = False) -> PyTree:
+    """Adapters for every weight of `params` that `spec.targets` selects.
+
+    `fn(params, *example_args)` is traced once; each targeted weight gets A [*stack, *inputs, r]
+    and B [*stack, r, *outputs] from how it is actually contracted. A starts random, B at zero.
+    """
+    planned = plan(fn, params, example_args, spec, allow_materialize)
+    for pl in planned:
+        if pl.refusal is not None:
+            raise LoraError(pl.refusal)
+    out = {}
+    for i, pl in enumerate(planned):
         k = jax.random.fold_in(key, i)
         if spec.init == "kaiming":  # PEFT's kaiming_uniform(a=√5): U(±1/√fan_in)
-            bound = 1.0 / math.sqrt(n_in)
-            a = jax.random.uniform(k, a_shape, spec.dtype, -bound, bound)
+            bound = 1.0 / math.sqrt(math.prod(pl.shape[j] for j in pl.layout.inputs))
+            a = jax.random.uniform(k, pl.a_shape, spec.dtype, -bound, bound)
         else:
-            a = jax.random.normal(k, a_shape, spec.dtype) / r
-        b = jnp.zeros(b_shape, spec.dtype)
-        out[path] = Adapter(a, b, spec.scale_for(path), lay.stack, lay.inputs, lay.outputs,
-                            spec.dropout)
+            a = jax.random.normal(k, pl.a_shape, spec.dtype) / pl.rank
+        b = jnp.zeros(pl.b_shape, spec.dtype)
+        lay = pl.layout
+        out[pl.path] = Adapter(a, b, spec.scale_for(pl.path), lay.stack, lay.inputs, lay.outputs,
+                               spec.dropout)
     return nest(out)
 
 
@@ -137,6 +188,7 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
     The branch computes in the activations' dtype (bf16 activations: bf16 matmuls, as torch
     autocast does for PEFT); A and B keep their own dtype and get gradients in it.
     """
+    array_paths(params)
     found = check_fits(params, adapters, stacked=adapter_index is not None)
     closed, out_tree, dyn = _trace(fn, params, args)
     vals = []

@@ -124,3 +124,53 @@ def test_weight_carried_through_a_loop():
 
     _raises(r"weight 'w1' leaves '(while|scan)' as a loop carry", lora_jax.apply, fn,
             case.params, ad, *case.args)
+
+
+def test_params_with_a_non_array_leaf():
+    case = zoo.plain_mlp()
+    spec = LoraSpec(targets=r"w\d", rank=2)
+    bad = {**case.params, "act": lambda x: x}
+    _raises(r"params leaf 'act' is a function, not an array; pass only the arrays as params",
+            lora_jax.init, jax.random.key(0), case.fn, bad, *case.args, spec=spec)
+    ad = _init(case)
+    _raises(r"params leaf 'name' is a str, not an array", lora_jax.apply, case.fn,
+            {**case.params, "name": "mlp"}, ad, *case.args)
+
+
+def test_unpartitioned_equinox_module():
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    _raises(r"params leaf 'activation' is a .*, not an array; pass only the arrays as params \(e.g. "
+            r"eqx.partition", lora_jax.init, jax.random.key(0), lambda m, x: m(x), mlp,
+            jnp.ones(3), spec=LoraSpec(targets=r".*weight", rank=1))
+
+
+def test_grouped_conv_says_why():
+    w = jax.random.normal(jax.random.key(0), (3, 3, 2, 8))
+    x = jnp.ones((1, 5, 5, 8))
+
+    def conv(p, x):
+        return jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", feature_group_count=4,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    _raises(r"weight 'w' reaches 'conv_general_dilated' \(a grouped conv with feature_group_count=4: "
+            r"each group would need its own adapter\), which LoRA cannot factor",
+            lora_jax.init, jax.random.key(0), conv, {"w": w}, x, spec=LoraSpec(targets="w", rank=2))
+
+
+def test_weight_changed_in_a_remat_result_is_followed_but_a_changed_carry_is_not():
+    case = zoo.plain_mlp()
+
+    def fn(p, x):  # the remat hands w0 back unchanged: fine
+        w0, h = jax.checkpoint(lambda w, x: (w, jnp.tanh(x @ w)))(p["w0"], x)
+        return case.fn({**p, "w0": w0}, x) + h.sum()
+
+    _init(zoo.Case(fn, case.params, case.args, r"w\d"))
+
+    def loop(p, x):
+        w, h = jax.lax.fori_loop(0, 2, lambda i, c: (c[0] * 2.0, jnp.tanh(c[1] @ c[0] @ c[0].T)),
+                                 (p["w1"], jnp.tanh(x @ p["w0"])))
+        return h @ p["w2"]
+
+    _raises(r"weight 'w1' leaves '(while|scan)' as a loop carry that '(while|scan)' changes",
+            _init, zoo.Case(loop, case.params, case.args, r"w\d"))
