@@ -13,6 +13,7 @@ from lora_jax.adapters import count_params as count_params
 from lora_jax.adapters import merge as merge
 from lora_jax.adapters import trainable_fraction as trainable_fraction
 from lora_jax.adapters import unmerge as unmerge
+from lora_jax.describe import describe as describe
 from lora_jax.errors import LoraError as LoraError
 from lora_jax.multi import stack_adapters as stack_adapters
 from lora_jax.spec import LoraSpec as LoraSpec
@@ -26,6 +27,7 @@ __all__ = [
     "adapter_shardings",
     "apply",
     "count_params",
+    "describe",
     "init",
     "merge",
     "stack_adapters",
