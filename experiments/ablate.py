@@ -5,7 +5,7 @@
 
 Writes DIR/results.csv, DIR/results.md and DIR/*.png; each run lives in DIR/runs/<name>. Rerunning
 skips finished runs and resumes an interrupted one, so a killed sweep is continued by the same command.
-`--config.run.<field>=...` changes every run of the sweep (e.g. --config.run.steps=10).
+`--config.run.<field>=...` changes every run of the sweep (e.g. --config.run.steps=20).
 """
 
 import os
