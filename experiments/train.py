@@ -32,6 +32,7 @@ def main(argv):
 
     from lora_jax.config_check import check_config
     from lora_jax.errors import LoraError
+    from lora_jax.preemption import TrainingStopped
 
     config_path = flags.FLAGS["config"].config_filename
     name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
@@ -50,6 +51,9 @@ def main(argv):
 
         cluster.initialize(_COORD.value, _NPROC.value, _PID.value)
         result = train_and_evaluate(config, workdir)
+    except TrainingStopped as e:  # a polite stop, not a failure: the shell's 128 + signal number
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
     except LoraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

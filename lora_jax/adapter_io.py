@@ -34,20 +34,62 @@ def _layout(adapters: PyTree) -> dict[str, dict]:
     }
 
 
+def _save_arrays(directory: str, tree: PyTree) -> dict:
+    """Orbax arrays in `directory` plus the integrity record to keep beside them."""
+    sums, _ = integrity.checksums(tree)  # every process: one program over the sharded arrays
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(directory, tree, force=True)
+    ckptr.wait_until_finished()
+    return {"algorithm": integrity.ALGORITHM, "checksums": sums}
+
+
+def _write_json(path: str, meta: dict) -> None:
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def _restore_arrays(arrays: str, abstract: PyTree | None, saved: dict | None, what: str) -> PyTree:
+    """Read `arrays` back and hold them to the checksums in `saved` (None: written before them)."""
+    try:
+        tree = ocp.StandardCheckpointer().restore(arrays, abstract)
+    except Exception as e:  # torn or damaged files: Orbax/TensorStore say which in many lines
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise LoraError(f"{what} arrays in {arrays} are unreadable ({type(e).__name__}: {first})") from None
+    wrong = [] if saved is None else integrity.mismatches(saved.get("checksums", {}), tree)
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise LoraError(f"{what} at {os.path.dirname(arrays)} is damaged: array {wrong[0]} does not match "
+                        f"the checksum saved with it{more}; refusing to load it")
+    return tree
+
+
 def save_adapter(directory: str, adapters: PyTree, info: dict | None = None) -> None:
     """Write `directory/arrays` (Orbax) and `directory/adapter.json` (layout and `info`)."""
     directory = os.path.abspath(directory)
-    sums, _ = integrity.checksums(adapters)  # every process: one program over the sharded arrays
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(directory, "arrays"), adapters, force=True)
-    ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        meta = {"layout": _layout(adapters), "info": info or {},
-                "integrity": {"algorithm": integrity.ALGORITHM, "checksums": sums}}
-        tmp = os.path.join(directory, "adapter.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(directory, "adapter.json"))
+    record = _save_arrays(os.path.join(directory, "arrays"), adapters)
+    _write_json(os.path.join(directory, "adapter.json"),
+                {"layout": _layout(adapters), "info": info or {}, "integrity": record})
+
+
+def save_tree(directory: str, tree: PyTree) -> None:
+    """Any array tree (train_also weights, a full fine-tune) as `directory/arrays` + `tree.json`
+    with its checksums, read back by `load_tree`."""
+    directory = os.path.abspath(directory)
+    record = _save_arrays(os.path.join(directory, "arrays"), tree)
+    _write_json(os.path.join(directory, "tree.json"), {"integrity": record})
+
+
+def load_tree(directory: str, abstract: PyTree | None = None) -> PyTree:
+    """The tree `save_tree` wrote (shaped and placed like `abstract` if given); damaged arrays are refused."""
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, "tree.json")
+    if not os.path.exists(path):
+        raise LoraError(f"no saved tree at {directory}: expected {path} (written by save_tree)")
+    with open(path) as f:
+        record = json.load(f)["integrity"]
+    return _restore_arrays(os.path.join(directory, "arrays"), abstract, record, "saved tree")
 
 
 def read_info(directory: str) -> dict:
@@ -73,16 +115,6 @@ def load_adapter(directory: str, shardings: PyTree | None = None) -> tuple[PyTre
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
         )
     arrays = os.path.join(os.path.abspath(directory), "arrays")
-    try:
-        adapters = ocp.StandardCheckpointer().restore(arrays, abstract)
-    except Exception as e:  # torn or damaged files: Orbax/TensorStore say which in many lines
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise LoraError(f"adapter arrays in {arrays} are unreadable ({type(e).__name__}: {first})") from None
-    saved = meta.get("integrity", {}).get("checksums")
-    wrong = [] if saved is None else integrity.mismatches(saved, adapters)  # older adapters: no sums
-    if wrong:
-        raise LoraError(f"adapter at {directory} is damaged: array {wrong[0]} does not match the checksum "
-                        f"in its adapter.json{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}; "
-                        "refusing to load it")
+    adapters = _restore_arrays(arrays, abstract, meta.get("integrity"), "adapter")
     return adapters, meta["info"]
 

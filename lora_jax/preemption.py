@@ -4,8 +4,9 @@ The handlers only note the signal; the training loop asks `StopSignals.agreed()`
 and, when it says stop, checkpoints that step and raises `TrainingStopped`. With several
 processes the decision is all-reduced, so every process stops after (and saves) the same step
 even if only one of them was signalled. A SIGINT while a stop is already pending aborts at once.
-`TrainingStopped` is a LoraError, so `python -m experiments.train` prints its one line as
-`error: stopped by SIGTERM after step N; ...` and exits 1; rerunning the command continues.
+`python -m experiments.train` prints its one line (`stopped by SIGTERM after step N; ...`) and
+exits 128 + the signal number (143, 130), as a shell does; rerunning the command continues.
+`TrainingStopped` is a LoraError, so library callers that catch those see it too.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import ml_collections
 
 import lora_jax
 from lora_jax import sharding as shd
+from lora_jax.adapter_io import load_adapter, load_tree
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths
 
@@ -88,7 +89,7 @@ def task_refusal(config: Any, task: Any, to: str) -> str | None:
     model = task.hf_model
     if model is None:
         kept = ("adapter/ (lora_jax.adapter_io.load_adapter)" if config.method == "lora"
-                else "finetuned/ (an Orbax tree of the params)")
+                else "finetuned/ (lora_jax.adapter_io.load_tree)")
         return (f"task {config.task}'s model ({task.source}) is not a Hugging Face model as it is; "
                 "peft and merged exist for code_search, jsonl_sft and causal_lm runs; this run's "
                 f"weights are in its {kept}")
@@ -122,12 +123,6 @@ def _abstract_trainable(config: Any, task: Any) -> Any:
                              spec=lora_spec(config.lora))
     extra, _ = partition(task.params, config.lora.train_also)
     return {"adapters": adapters, "extra": extra}
-
-
-def _restore_tree(directory: str, abstract: Any) -> Any:
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
 
 
 def _from_checkpoint(workdir: str, config: Any, task: Any, trainable: Any, sharding: Any) -> tuple[Any, int]:
@@ -175,13 +170,12 @@ def read_run(workdir: str, to: str) -> TrainedRun:
     with open(os.path.join(workdir, "adapter.json")) as f:
         step = int(json.load(f)["steps"])
     if config.method == "full":
-        return TrainedRun(config, task, _restore_tree(final, _placed(abstract, repl)), step, False)
-    from lora_jax.adapter_io import load_adapter
+        return TrainedRun(config, task, load_tree(final, _placed(abstract, repl)), step, False)
 
     adapters, _ = load_adapter(final, jax.tree.map(lambda _: repl, abstract["adapters"]))
     extra = {}
     if abstract["extra"]:
-        extra = _restore_tree(os.path.join(final, "extra"), _placed(abstract["extra"], repl))
+        extra = load_tree(os.path.join(final, "extra"), _placed(abstract["extra"], repl))
     return TrainedRun(config, task, {"adapters": adapters, "extra": extra}, step, False)
 
 

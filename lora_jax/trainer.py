@@ -20,7 +20,7 @@ import numpy as np
 
 import lora_jax
 from lora_jax import sharding as shd
-from lora_jax.adapter_io import save_adapter
+from lora_jax.adapter_io import save_adapter, save_tree
 from lora_jax.checkpoint import RunCheckpoints, fingerprint
 from lora_jax.config_check import check_config
 from lora_jax.errors import LoraError
@@ -118,7 +118,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     # ---- Workdir: only now, with everything validated, is anything written.
     _check_workdir(workdir, config)
     if not config.resume and os.path.exists(workdir) and jax.process_index() == 0:
-        for name in ("ckpt", "adapter", "finetuned", "metrics.jsonl", "tb", "adapter.json"):
+        for name in ("ckpt", "adapter", "finetuned", "peft", "metrics.jsonl", "tb", "adapter.json"):
             path = os.path.join(workdir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
     os.makedirs(workdir, exist_ok=True)
@@ -208,9 +208,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     if config.method == "lora":
         save_adapter(out_dir, state.trainable["adapters"], info)
         if state.trainable["extra"]:
-            _save_tree(os.path.join(out_dir, "extra"), state.trainable["extra"])
+            save_tree(os.path.join(out_dir, "extra"), state.trainable["extra"])
     else:
-        _save_tree(out_dir, state.trainable)
+        save_tree(out_dir, state.trainable)
     # Beside it, for HF-model tasks, the same adapter in PEFT's format (<workdir>/peft).
     from lora_jax.run_export import write_run_peft
 
@@ -239,12 +239,3 @@ def _make_forward(apply_fn, mesh):
         return jax.tree.map(lambda y: shd.to_host(y)[:n], out)
 
     return forward
-
-
-def _save_tree(directory: str, tree: Any) -> None:
-    import orbax.checkpoint as ocp
-
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(directory), tree, force=True)
-    ckptr.wait_until_finished()
-

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lora_jax import LoraError
-from lora_jax.adapter_io import load_adapter, save_adapter
+from lora_jax.adapter_io import load_adapter, load_tree, save_adapter, save_tree
 from lora_jax.adapters import Adapter
 from lora_jax.checkpoint import RunCheckpoints
 from lora_jax.integrity import checksums
@@ -115,8 +115,23 @@ def test_a_damaged_exported_adapter_is_refused(tmp_path):
     _assert_same(ad, load_adapter(str(tmp_path / "ad"))[0])
     _flip(_largest_file(tmp_path / "ad" / "arrays"))  # inside one factor's compressed chunk
     with pytest.raises(LoraError, match=r"adapter at .* is damaged: array layers_0/kernel/[ab] does not "
-                                        r"match the checksum in its adapter.json; refusing to load it$"):
+                                        r"match the checksum saved with it; refusing to load it$"):
         load_adapter(str(tmp_path / "ad"))
+
+
+def test_a_damaged_saved_tree_is_refused(tmp_path):
+    """train_also weights (adapter/extra) and full fine-tunes (finetuned/) are saved as trees."""
+    rng = np.random.default_rng(1)
+    tree = {"head": {"kernel": rng.standard_normal((512, 64)).astype(np.float32)},
+            "step": np.int32(7)}
+    save_tree(str(tmp_path / "t"), tree)
+    _assert_same(tree, load_tree(str(tmp_path / "t")))
+    _flip(_largest_file(tmp_path / "t" / "arrays"))
+    with pytest.raises(LoraError, match=r"saved tree at .* is damaged: array head/kernel does not match "
+                                        r"the checksum saved with it; refusing to load it$"):
+        load_tree(str(tmp_path / "t"))
+    with pytest.raises(LoraError, match=r"no saved tree at .*: expected .*tree.json"):
+        load_tree(str(tmp_path / "missing"))
 
 
 def test_a_damaged_peft_file_we_wrote_is_refused(tmp_path):

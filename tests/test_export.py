@@ -200,13 +200,13 @@ def test_main_job_peft_copy_of_an_rslora_run_says_use_rslora(run_dir, tmp_path):
 
 
 def test_merged_export_of_a_full_finetune_is_its_weights(run_dir, ours, tmp_path):
-    from lora_jax.trainer import _save_tree
+    from lora_jax.adapter_io import save_tree
 
     workdir = _edited_run(run_dir, tmp_path, method="full")  # a finished full run, as the trainer saves it
     model = M.load(minilm.get_model_path())
     rng = np.random.default_rng(1)
     tuned = jax.tree.map(lambda w: w + 0.01 * rng.standard_normal(w.shape).astype(w.dtype), model.params)
-    _save_tree(os.path.join(workdir, "finetuned"), tuned)
+    save_tree(os.path.join(workdir, "finetuned"), tuned)
     with open(os.path.join(workdir, "adapter.json"), "w") as f:
         json.dump({"steps": 7}, f)
     assert "finished run (step 7)" in export_run(workdir, "merged", str(tmp_path / "merged"))

@@ -24,7 +24,7 @@ ARGS = ["--config=configs/planted.py", "--config.log_every=1", "--config.eval_ev
         "--config.steps=60", "--config.ckpt_every=1000", "--config.planted_rank.width=384",
         "--config.batch_size=512"]
 TWO_PROCESSES = ["--config.steps=40", "--config.planted_rank.width=128", "--config.batch_size=128"]
-STOPPED = (r"^error: stopped by {} after step (\d+); checkpoint written to .*/ckpt/\1; "
+STOPPED = (r"^stopped by {} after step (\d+); checkpoint written to .*/ckpt/\1; "
            r"rerun the same command to continue$")
 
 
@@ -89,7 +89,7 @@ def test_signal_mid_run_checkpoints_the_step_and_the_rerun_continues_exactly(tmp
     _wait_for_step(tmp_path, 10, [proc])
     proc.send_signal(sig)
     rc, _, err = _finish(proc)
-    assert rc == 1, err[-3000:]
+    assert rc == 128 + sig, err[-3000:]
     last = err.strip().splitlines()[-1]
     match = re.match(STOPPED.format(sig.name), last)
     assert match, err[-3000:]
@@ -126,7 +126,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     results = [_finish(p) for p in procs]
     steps = set()
     for rc, _, err in results:
-        assert rc == 1, err[-3000:]
+        assert rc == 128 + signal.SIGTERM, err[-3000:]
         match = re.match(STOPPED.format("SIGTERM"), err.strip().splitlines()[-1])
         assert match, err[-3000:]
         steps.add(int(match.group(1)))

@@ -1,7 +1,7 @@
 """Learning vs forgetting (Biderman et al. 2024): target gain, source loss, and the rank of full FT's ΔW.
 
-The full fine-tuned tree is read back from <run>/finetuned (Orbax) and the base from the task, so
-this works on a finished sweep alone.
+The full fine-tuned tree is read back from <run>/finetuned (lora_jax.adapter_io.load_tree, checksums
+verified) and the base from the task, so this works on a finished sweep alone.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from lora_jax.ablate.common import Analysis, Metric, ordered
 from lora_jax.ablate.kinds_weights import base_weights, per_layer, write_table_csv
 from lora_jax.ablate.report import md_table, params_str
 from lora_jax.ablate.sweep import RunRecord
+from lora_jax.adapter_io import load_tree
 from lora_jax.paths import flat_paths
 
 
@@ -34,9 +35,7 @@ def _matrices(x: np.ndarray) -> list[np.ndarray]:
 
 
 def spectrum_rows(run_dir: str, base: dict[str, np.ndarray], pattern: str, fraction: float) -> list[list]:
-    import orbax.checkpoint as ocp
-
-    tuned = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(run_dir, "finetuned")))
+    tuned = load_tree(os.path.join(run_dir, "finetuned"))
     rows = []
     for path, w in flat_paths(tuned):
         w = np.asarray(w, np.float64)
