@@ -71,6 +71,13 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
     check_config(config, workdir)  # every field against configs/base.py, the paths, the workdir
+    # SIGTERM/SIGINT are noted from here on (also while compiling): the loop then finishes the
+    # current step, checkpoints it and stops (lora_jax/preemption.py).
+    with StopSignals() as stop:
+        return _run(config, workdir, stop)
+
+
+def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
     # ---- Mesh and the checks that need nothing else.
     mesh = shd.make_mesh(config.mesh)
     shd.check_batch(config.batch_size, config.grad_accum, mesh)
@@ -158,7 +165,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         writer.message(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()))
         return row
 
-    # ---- The loop. SIGTERM/SIGINT: finish the step, checkpoint it, stop (lora_jax/preemption.py).
+    # ---- The loop. On SIGTERM/SIGINT: finish the step, checkpoint it, stop.
     last_eval = evaluate(0) if start == 0 else {}
     batches = task.batches(position)
     t0, done_since = time.perf_counter(), start
@@ -166,37 +173,36 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     def saved_tree() -> dict:
         return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
 
-    with StopSignals() as stop:
-        for step in range(start, steps):
-            batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
-            state, metrics = train_step(state, batch)
-            position += 1
-            done = step + 1
-            if done % config.log_every == 0 or done == steps:
-                row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
-                if not math.isfinite(row["loss"]):
-                    good = ckpts.last_good(_abstract(saved_tree(), saved_sh))  # read back and verified
-                    ckpts.close()
-                    good = "none" if good is None else f"step {good} in {ckpts.directory}"
-                    raise LoraError(f"loss is {row['loss']} at step {done}; last good checkpoint: {good}")
-                elapsed = time.perf_counter() - t0
-                row["examples_per_s"] = (done - done_since) * config.batch_size / elapsed
-                row["step_time_s"] = elapsed / (done - done_since)
-                writer.write(done, row)
-                writer.progress(done, row["loss"], row["examples_per_s"])
-                t0, done_since = time.perf_counter(), done
-            periodic = done % config.ckpt_every == 0 or done == steps
-            if periodic:
+    for step in range(start, steps):
+        batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
+        state, metrics = train_step(state, batch)
+        position += 1
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            row = {k: float(shd.to_host(v)) for k, v in metrics.items()}
+            if not math.isfinite(row["loss"]):
+                good = ckpts.last_good(_abstract(saved_tree(), saved_sh))  # read back and verified
+                ckpts.close()
+                good = "none" if good is None else f"step {good} in {ckpts.directory}"
+                raise LoraError(f"loss is {row['loss']} at step {done}; last good checkpoint: {good}")
+            elapsed = time.perf_counter() - t0
+            row["examples_per_s"] = (done - done_since) * config.batch_size / elapsed
+            row["step_time_s"] = elapsed / (done - done_since)
+            writer.write(done, row)
+            writer.progress(done, row["loss"], row["examples_per_s"])
+            t0, done_since = time.perf_counter(), done
+        periodic = done % config.ckpt_every == 0 or done == steps
+        if periodic:
+            ckpts.save(done, saved_tree(), position)
+        signum = stop.agreed(last=done == steps)
+        if signum:
+            if not periodic:
                 ckpts.save(done, saved_tree(), position)
-            signum = stop.agreed(last=done == steps)
-            if signum:
-                if not periodic:
-                    ckpts.save(done, saved_tree(), position)
-                ckpts.close()  # waits for the save
-                writer.close()
-                raise TrainingStopped(stop_message(signum, done, ckpts.directory), signum, done)
-            if config.eval_every and done % config.eval_every == 0 and done != steps:
-                last_eval = evaluate(done)
+            ckpts.close()  # waits for the save
+            writer.close()
+            raise TrainingStopped(stop_message(signum, done, ckpts.directory), signum, done)
+        if config.eval_every and done % config.eval_every == 0 and done != steps:
+            last_eval = evaluate(done)
     if start < steps or not last_eval:
         last_eval = evaluate(steps)
     ckpts.close()
