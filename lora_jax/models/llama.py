@@ -282,7 +282,9 @@ class LlamaForCausalLM(nn.Module):
     """Decoder plus LM head; returns logits [B,T,V]. A tied head reuses embed_tokens.
 
     With `cache` it returns (logits, updated cache); `positions_BxT` are the RoPE positions
-    (default: 0..T-1, or continuing from the cache's write slot).
+    (default: 0..T-1, or continuing from the cache's write slot). `hidden_only` returns the
+    final-norm hidden states [B,T,D] instead of logits, for a loss that applies the head itself
+    chunk by chunk (lora_jax/models/lm_loss.py; the weight is `head_weight`).
     """
 
     config: LlamaConfig
@@ -291,14 +293,26 @@ class LlamaForCausalLM(nn.Module):
     def __call__(
         self, input_ids_BxT: jnp.ndarray, attention_mask_BxT: jnp.ndarray | None = None,
         positions_BxT: jnp.ndarray | None = None, cache: dict | None = None,
+        hidden_only: bool = False,
     ) -> Any:
         if attention_mask_BxT is None:
             attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
         out = LlamaModel(self.config, name="model")(input_ids_BxT, attention_mask_BxT,
                                                     positions_BxT, cache)
         h_BxTxD, embed = out[0], out[1]
+        if hidden_only:
+            return h_BxTxD if cache is None else (h_BxTxD, out[2])
         if self.config.tie_word_embeddings:
             logits_BxTxV = embed.attend(h_BxTxD)
         else:
             logits_BxTxV = _dense(self.config.vocab_size, False, "lm_head")(h_BxTxD)
         return logits_BxTxV if cache is None else (logits_BxTxV, out[2])
+
+
+def head_weight(config: LlamaConfig, params: Any) -> tuple[jax.Array, bool]:
+    """The LM head's weight as the forward uses it, and whether it is the tied embedding:
+    (lm_head kernel [D,V], False) or (embed_tokens embedding [V,D], True)."""
+    p = params["params"]
+    if config.tie_word_embeddings:
+        return p["model"]["embed_tokens"]["embedding"], True
+    return p["lm_head"]["kernel"], False
