@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import LoraError
+from lora_jax.models.lm_loss import next_token_fn
 from lora_jax.paths import flat_paths, nest
 from lora_jax.sharding import to_device
 from lora_jax.tasks import corpora
@@ -47,6 +48,24 @@ def next_token_loss(logits_BxTxV: jax.Array, ids_BxT: jax.Array, mask_BxT: jax.A
     nll_BxS = -jnp.take_along_axis(logp_BxSxV, ids_BxT[:, 1:, None], axis=-1)[..., 0]
     w_BxS = (mask_BxT[:, 1:] * mask_BxT[:, :-1]).astype(jnp.float32)
     return jnp.sum(nll_BxS * w_BxS) / jnp.maximum(jnp.sum(w_BxS), 1.0)
+
+
+def shifted_targets(ids_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(target_ids, weight), both [B,T]: position t predicts token t+1, weighted 1 where both are
+    real tokens; the last position has no next token and weighs 0."""
+    targets_BxT = jnp.concatenate([ids_BxT[:, 1:], ids_BxT[:, -1:]], axis=1)
+    pairs_BxS = (mask_BxT[:, 1:] * mask_BxT[:, :-1]).astype(jnp.float32)
+    w_BxT = jnp.concatenate([pairs_BxS, jnp.zeros_like(pairs_BxS[:, :1])], axis=1)
+    return targets_BxT, w_BxT
+
+
+def training_loss(model: Callable, batch: dict) -> tuple[jax.Array, dict]:
+    """`next_token_loss` without [B,T,V] float32 logits: `model` is the task's fn with trained
+    weights, and (ids, mask, targets, True) asks it for chunked log-likelihoods (models/lm_loss.py)."""
+    targets_BxT, w_BxT = shifted_targets(batch["input_ids"], batch["attention_mask"])
+    logp_BxT = model(batch["input_ids"], batch["attention_mask"], targets_BxT, True)
+    value = -jnp.sum(logp_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
+    return value, {"ppl": jnp.exp(value)}
 
 
 def _nll_sum(logits_BxTxV: np.ndarray, ids_BxT: np.ndarray) -> tuple[float, int]:
@@ -109,11 +128,6 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
         raise LoraError(f"corpus {names[c.train_on]!r} has {n_windows} training windows of "
                         f"{c.seq_len} tokens, fewer than batch_size {config.batch_size}")
 
-    def loss(model, batch):
-        value = next_token_loss(model(batch["input_ids"], batch["attention_mask"]),
-                                batch["input_ids"], batch["attention_mask"])
-        return value, {"ppl": jnp.exp(value)}
-
     def evaluate(forward, trainable) -> dict[str, float]:
         del trainable
         out = {}
@@ -128,8 +142,8 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
         return out
 
     return Task(
-        fn=model.fn, params=model.params, source=source,
-        inputs=lambda b: (b["input_ids"], b["attention_mask"]), loss=loss,
+        fn=next_token_fn(model), params=model.params, source=source,
+        inputs=lambda b: (b["input_ids"], b["attention_mask"]), loss=training_loss,
         batches=lambda position: corpora.iterate_windows(
             train_stream, c.seq_len, config.batch_size, config.seed, position),
         evaluate=evaluate, train_examples=n_windows, tokenizer=tok, hf_model=model,

@@ -19,8 +19,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from lora_jax.models.lm_loss import next_token_fn
 from lora_jax.tasks import jsonl
 from lora_jax.tasks.task import Task
 
@@ -54,18 +54,14 @@ def sft_arrays(rows: list[tuple[list[int], int]], max_len: int, pad_id: int) -> 
 
 
 def next_token_logp_fn(model: Any) -> Callable:
-    """fn(params, input_ids, attention_mask, target_ids) -> log p(target_ids[t] | ids[:t+1]) [B,T]."""
-
-    def fn(params, input_ids_BxT, attention_mask_BxT, target_ids_BxT):
-        logits_BxTxV = model.fn(params, input_ids_BxT, attention_mask_BxT).astype(jnp.float32)
-        return -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, target_ids_BxT)
-
-    return fn
+    """fn(params, input_ids, attention_mask, target_ids, chunked=False) -> log p(target_ids[t] |
+    ids[:t+1]) [B,T]; chunked=True computes it without [B,T,V] float32 logits (training)."""
+    return next_token_fn(model)
 
 
 def completion_loss(run: Callable, batch: dict) -> tuple[Any, dict]:
-    """Mean negative log-likelihood over the batch's completion tokens."""
-    logp_BxT = run(*(batch[k] for k in BATCH_KEYS[:3]))
+    """Mean negative log-likelihood over the batch's completion tokens (chunked log-likelihoods)."""
+    logp_BxT = run(*(batch[k] for k in BATCH_KEYS[:3]), True)
     weight_BxT = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(weight_BxT)
     value = -jnp.sum(logp_BxT * weight_BxT) / jnp.maximum(tokens, 1.0)
