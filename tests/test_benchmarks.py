@@ -68,3 +68,30 @@ def test_plan_compiles_lora_and_full_for_a_fake_mesh():
     assert lora["argument_bytes"] < full["argument_bytes"]
     # The hand count of the dominant terms agrees with what the compiled program holds.
     assert full["argument_bytes"] >= 0.9 * full["hand"]["state_bytes"]
+
+
+def test_gpu_bench_small_runs_end_to_end_on_cpu(tmp_path):
+    """`python -m benchmarks.gpu --small`: the prepared accelerator run's code path, on CPU."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--small", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_results.json").read_text())
+    assert res["jax"]["lm_loss"] == "chunked" and len(res["jax"]["times_s"]) == res["config"]["steps"]
+    assert math.isfinite(res["jax"]["loss"]) and res["jax"]["tokens_per_s"] > 0
+    if _has("torch") and _has("peft"):
+        assert res["peft"]["adapter_params"] == res["jax"]["adapter_params"]  # the same LoRA on both sides
+        assert math.isfinite(res["peft"]["loss"])
+    assert "jax on cpu: step" in (tmp_path / "gpu_results.md").read_text()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
