@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # [float32|bfloat16] base weights (adapters stay float32)
     c.model.scan_layers = False  # [bool] one nn.scan over the layers: one compiled layer, stacked weights
     c.model.remat = False  # [bool] recompute each layer's activations in the backward pass (memory for time)
-    c.model.attention = "xla"  # [xla|cudnn] Llama-family attention kernel (cudnn: NVIDIA GPU, bfloat16)
+    c.model.attention = "auto"  # [auto|xla|cudnn] auto: cuDNN flash attention on NVIDIA GPUs, bf16; else XLA
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = r".*/(query|value)/kernel"  # [regex] over "/"-joined param paths

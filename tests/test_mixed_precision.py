@@ -11,6 +11,7 @@ import lora_jax
 import lora_jax.models as M
 from lora_jax.errors import LoraError
 from lora_jax.interpreter import _scan_counts
+from lora_jax.models import loading
 
 LLAMA = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
@@ -67,16 +68,42 @@ def test_fp32_model_branch_stays_fp32():
 
 
 def test_unknown_attention_kernel_is_one_line_error():
-    with pytest.raises(LoraError, match=r"attention 'flash' is not one of \('xla', 'cudnn'\)"):
+    with pytest.raises(LoraError, match=r"attention 'flash' is not one of \('auto', 'xla', 'cudnn'\)"):
         M.from_config(LLAMA, attention="flash")
 
 
-def test_cudnn_attention_refuses_fp32_activations_and_shares_params():
-    xla = M.from_config(LLAMA, seed=3)
-    fused = M.from_config(LLAMA, seed=3, attention="cudnn")
+@pytest.fixture
+def nvidia(monkeypatch):
+    """Pretend this process runs on an NVIDIA GPU: the kernel choice, not the kernel, is tested."""
+    monkeypatch.setattr(loading, "on_nvidia_gpu", lambda: True)
+
+
+def test_auto_attention_picks_cudnn_only_on_an_nvidia_gpu_in_bf16(nvidia, monkeypatch):
+    assert M.from_config(LLAMA, dtype=jnp.bfloat16).config.attention == "cudnn"
+    assert M.from_config(LLAMA, dtype=jnp.float16).config.attention == "cudnn"
+    assert M.from_config(LLAMA).config.attention == "xla"  # float32 weights
+    assert M.from_config(BERT, dtype=jnp.bfloat16).config is not None  # encoders: XLA, no error
+    monkeypatch.setattr(loading, "on_nvidia_gpu", lambda: False)
+    assert M.from_config(LLAMA, dtype=jnp.bfloat16).config.attention == "xla"
+
+
+def test_auto_is_xla_on_this_cpu_and_explicit_cudnn_is_refused_here():
+    assert not loading.on_nvidia_gpu()
+    assert M.from_config(LLAMA, dtype=jnp.bfloat16).config.attention == "xla"
+    with pytest.raises(LoraError, match=r"^attention 'cudnn' needs an NVIDIA GPU; this process runs on cpu"):
+        M.from_config(LLAMA, dtype=jnp.bfloat16, attention="cudnn")
+
+
+def test_cudnn_attention_refuses_fp32_and_shares_params(nvidia):
+    with pytest.raises(LoraError, match=r"^attention 'cudnn' needs bfloat16 or float16 weights, got float32"):
+        M.from_config(LLAMA, seed=3, attention="cudnn")
+    xla = M.from_config(LLAMA, seed=3, dtype=jnp.bfloat16, attention="xla")
+    fused = M.from_config(LLAMA, seed=3, dtype=jnp.bfloat16, attention="cudnn")
+    assert fused.config.attention == "cudnn"
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), xla.params, fused.params))
+    f32 = jax.tree.map(lambda x: x.astype(jnp.float32), fused.params)
     with pytest.raises(LoraError, match="attention='cudnn' needs bfloat16 or float16 activations"):
-        fused.fn(fused.params, IDS, MASK)
+        fused.fn(f32, IDS, MASK)
 
 
 class _Groups:
@@ -92,11 +119,13 @@ def test_scan_counts_reads_old_and_new_jax_params():
     assert _scan_counts({"ft_in": _Groups((None,) * 3, (None,) * 2, (None,))}) == (3, 2)
 
 
-def test_load_selects_the_kernel_for_llama_and_refuses_it_for_bert(tmp_path):
-    llama = M.from_config(LLAMA, seed=4)
+def test_load_selects_the_kernel_for_llama_and_refuses_it_for_bert(tmp_path, nvidia):
+    llama = M.from_config(LLAMA, seed=4, dtype=jnp.bfloat16)
     M.save_pretrained(llama, llama.params, tmp_path / "llama")
-    fused = M.load(tmp_path / "llama", attention="cudnn")
+    fused = M.load(tmp_path / "llama", attention="cudnn")  # bf16 as stored (config.json's dtype)
     assert fused.config.attention == "cudnn"
+    assert M.load(tmp_path / "llama").config.attention == "cudnn"  # auto, the default
+    assert M.load(tmp_path / "llama", dtype=jnp.float32).config.attention == "xla"
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), llama.params, fused.params))
     bert = M.from_config(BERT, seed=4)
     M.save_pretrained(bert, bert.params, tmp_path / "bert")

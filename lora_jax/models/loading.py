@@ -65,17 +65,53 @@ def family_of(hf_config: dict[str, Any]) -> str:
     )
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+_FUSED_DTYPES = ("bfloat16", "float16")
+
+
+def on_nvidia_gpu() -> bool:
+    """Whether this process computes on an NVIDIA GPU (cuDNN's kernels exist only there)."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+
+
+def pick_attention(requested: str, family: str, dtype: Any) -> str:
+    """The attention kernel a model runs: `auto` is cuDNN's fused flash attention on an NVIDIA
+    GPU with bf16/fp16 weights and XLA's elsewhere; an explicit `cudnn` that cannot run there is
+    refused now, not at the first step (never a silent fallback). BERT-family models run XLA's."""
+    if requested not in ATTENTION_CHOICES:
+        raise LoraError(f"attention '{requested}' is not one of {ATTENTION_CHOICES}")
+    if family != "llama":
+        if requested == "cudnn":
+            raise LoraError(f"attention '{requested}' is selectable for Llama-family models only")
+        return "xla"
+    dtype_ok = dtype is not None and jnp.dtype(dtype).name in _FUSED_DTYPES
+    if requested == "auto":
+        return "cudnn" if dtype_ok and on_nvidia_gpu() else "xla"
+    if requested == "cudnn" and not on_nvidia_gpu():
+        raise LoraError(f"attention 'cudnn' needs an NVIDIA GPU; this process runs on "
+                        f"{jax.devices()[0].platform} (use attention 'auto' or 'xla')")
+    if requested == "cudnn" and not dtype_ok:
+        got = "weights of an unknown dtype" if dtype is None else jnp.dtype(dtype).name
+        raise LoraError(f"attention 'cudnn' needs bfloat16 or float16 weights, got {got} (set a dtype)")
+    return requested
+
+
+def checkpoint_dtype(hf_config: dict[str, Any]) -> str | None:
+    """The dtype config.json says the weights are stored in (read as stored when none is asked)."""
+    return hf_config.get("torch_dtype") or hf_config.get("dtype")
+
+
 def build_module(
-    hf_config: dict[str, Any], **overrides: Any
+    hf_config: dict[str, Any], dtype: Any = None, **overrides: Any
 ) -> tuple[str, nn.Module, LlamaConfig | BertConfig]:
-    """(family, Flax module, config) for an HF config dict; overrides: scan_layers, remat, ..."""
+    """(family, Flax module, config) for an HF config dict; overrides: scan_layers, remat,
+    attention (see `pick_attention`; `dtype` is the weights' dtype it depends on)."""
     family = family_of(hf_config)
+    attention = pick_attention(overrides.pop("attention", "auto"), family, dtype)
     if family == "llama":
-        config = LlamaConfig.from_hf(hf_config, **overrides)
+        config = LlamaConfig.from_hf(hf_config, attention=attention, **overrides)
         return family, LlamaForCausalLM(config), config
-    attention = overrides.pop("attention", "xla")
-    if attention != "xla":
-        raise LoraError(f"attention '{attention}' is selectable for Llama-family models only")
     config = BertConfig.from_hf(hf_config, **overrides)
     return family, BertModel(config), config
 
@@ -166,13 +202,13 @@ def load(
     *,
     scan_layers: bool = False,
     remat: bool = False,
-    attention: str = "xla",
+    attention: str = "auto",
 ) -> LoadedModel:
     """Load an HF safetensors checkpoint into Flax params (never pickle, never remote code).
 
     `dtype` casts floating weights; `shardings` is a params-shaped pytree of shardings or a
     callable (path, shape) -> sharding, and each tensor is read straight into it. `attention`
-    ("xla" or "cudnn", Llama family only) picks the attention kernel.
+    ("auto", "xla" or "cudnn"; see `pick_attention`) picks the attention kernel.
     """
     directory = resolve(path_or_id)
     config_file = directory / "config.json"
@@ -186,7 +222,7 @@ def load(
     if family == "bert":
         overrides["add_pooler"] = f"{tensors.prefix}pooler.dense.weight" in tensors.key_file
     overrides["attention"] = attention
-    family, module, config = build_module(hf_config, **overrides)
+    family, module, config = build_module(hf_config, dtype or checkpoint_dtype(hf_config), **overrides)
     shapes = param_shapes(module)
     sharding_of = _sharding_for(shardings)
     flat = {
@@ -207,7 +243,7 @@ def from_config(
     hf_config: dict[str, Any], *, seed: int = 0, dtype: Any = None, **overrides: Any
 ) -> LoadedModel:
     """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
-    family, module, config = build_module(hf_config, **overrides)
+    family, module, config = build_module(hf_config, dtype or jnp.float32, **overrides)
     params = jax.jit(_initialisable(module).init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
     if dtype is not None:
         params = jax.tree.map(
