@@ -131,3 +131,44 @@ def test_load_selects_the_kernel_for_llama_and_refuses_it_for_bert(tmp_path, nvi
     M.save_pretrained(bert, bert.params, tmp_path / "bert")
     with pytest.raises(LoraError, match="attention 'cudnn' is selectable for Llama-family models only"):
         M.load(tmp_path / "bert", attention="cudnn")
+
+
+def _dots_with_shapes(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append([(str(v.aval.dtype), v.aval.size) for v in eqn.invars])
+        for sub in jex.core.jaxprs_in_params(eqn.params):
+            _dots_with_shapes(sub, out)
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_bf16_train_step_has_no_fp32_matmul_of_activation_or_weight_size(scan):
+    """The whole step (forward, backward, chunked LM loss, AdamW) of a bf16 Llama with LoRA on
+    every linear layer: a matmul may take an fp32 operand only if it is smaller than both the
+    smallest activation [B,T,D] and the smallest frozen weight (adapter-sized work)."""
+    from types import SimpleNamespace
+
+    from lora_jax.models.lm_loss import next_token_fn
+    from lora_jax.tasks.causal_lm import training_loss
+    from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
+
+    m = M.from_config(LLAMA, seed=0, dtype=jnp.bfloat16, scan_layers=scan, remat=scan)
+    fn = next_token_fn(m)
+    ids = jnp.ones((2, 32), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
+    spec = lora_jax.LoraSpec(targets=TARGETS, rank=4, alpha=8.0)
+    trainable = {"adapters": lora_jax.init(jax.random.key(1), fn, m.params, ids, batch["attention_mask"],
+                                           spec=spec), "extra": {}}
+    opt = SimpleNamespace(lr=1e-3, warmup_steps=1, end_lr_ratio=0.0, weight_decay=0.0, clip_norm=1.0,
+                          b1=0.9, b2=0.999, loraplus_ratio=1.0)
+    tx, schedule = make_optimizer(opt, 10)
+    state = TrainState(step=jnp.int32(0), trainable=trainable, frozen=m.params,
+                       opt_state=tx.init(trainable), rng=jax.random.key(0))
+    step = make_train_step(model_apply("lora", fn), training_loss, tx, schedule, 1, use_rng=False)
+    dots = _dots_with_shapes(jax.make_jaxpr(step)(state, batch).jaxpr, [])
+    bound = min(ids.size * LLAMA["hidden_size"],
+                min(x.size for x in jax.tree.leaves(m.params) if x.ndim >= 2))
+    assert len(dots) > 20  # the step's matmuls were found
+    big_fp32 = [d for d in dots if any(t == "float32" and n >= bound for t, n in d)]
+    assert not big_fp32, big_fp32

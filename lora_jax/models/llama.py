@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
+from lora_jax.models.precision import grouped_attention
 from lora_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -147,10 +148,13 @@ class Attention(nn.Module):
                             f"{q_BxTxHxK.dtype}; load the model with dtype=jnp.bfloat16")
         # Logits and softmax in float32 on either kernel; `allowed` carries causality, padding and
         # the sliding window, so one boolean mask serves training and cached decoding alike.
-        out_BxTxHxK = jax.nn.dot_product_attention(
-            q_BxTxHxK, k_BxSxVxK.astype(q_BxTxHxK.dtype), v_BxSxVxK.astype(q_BxTxHxK.dtype),
-            mask=allowed_BxTxS[:, None, :, :], implementation=None if c.attention == "xla" else "cudnn",
-        )
+        k_BxSxVxK, v_BxSxVxK = k_BxSxVxK.astype(q_BxTxHxK.dtype), v_BxSxVxK.astype(q_BxTxHxK.dtype)
+        if c.attention == "xla":
+            out_BxTxHxK = grouped_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK, allowed_BxTxS)
+        else:
+            out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK,
+                                                       mask=allowed_BxTxS[:, None, :, :],
+                                                       implementation="cudnn")
         out_BxTxD = _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxHxK.reshape(B, T, H * K))
         return out_BxTxD if kv is None else (out_BxTxD, (k_BxSxVxK, v_BxSxVxK))
 

@@ -24,6 +24,7 @@ import optax
 
 from lora_jax.errors import LoraError
 from lora_jax.models.llama import head_weight
+from lora_jax.models.precision import dot_f32_out
 
 CHUNK_POSITIONS = 128  # sequence positions per chunk; at 8x128 and vocab 128,256: 525 MB of fp32 logits
 
@@ -35,9 +36,8 @@ def head_logits(h_BxCxD: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
     float32, so bf16 activations never round their logits to bf16."""
     dtype = jnp.result_type(h_BxCxD.dtype, w.dtype)
     contract_w = 1 if tied else 0
-    return jax.lax.dot_general(h_BxCxD.astype(dtype), w.astype(dtype),
-                               (((h_BxCxD.ndim - 1,), (contract_w,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    dims = (((h_BxCxD.ndim - 1,), (contract_w,)), ((), ()))
+    return dot_f32_out(h_BxCxD.astype(dtype), w.astype(dtype), dims)  # bf16 gradient matmuls too
 
 
 def _chunk_logp(w: jax.Array, h_BxCxD: jax.Array, targets_BxC: jax.Array, tied: bool) -> jax.Array:
