@@ -76,8 +76,11 @@ def quantize(
       default 64, over the row-major order; `double_quant` (default True) quantises the absmax
       again, as compress_statistics=True) or "int8" (LLM.int8's per-row absmax / 127, rows over
       the last axis; no blocksize or double_quant).
-    transpose: quantise w.T instead. bitsandbytes blocks the PyTorch weight [out, in], so pass a
-      Flax/JAX kernel [in, out] with transpose=True to get its blocks, and its bytes, exactly.
+    transpose: quantise w.T (all axes reversed) instead. bitsandbytes blocks the PyTorch weight
+      [out, in] row-major, so pass a Flax/JAX kernel [in, out] with transpose=True to get its
+      blocks, and its bytes, exactly (and for int8 one scale per output unit). Blocks then run
+      along the input axes of N-D kernels too (a DenseGeneral [embed, heads, dim] is stored as
+      [dim, heads, embed]). dequantize returns the original layout either way.
     """
     w = jnp.asarray(w)
     blocksize, double_quant = _check(w, kind, blocksize, double_quant)
