@@ -159,9 +159,12 @@ def changed_message(path: str, prim: str, what: str) -> str:
             f"weight into '{prim}' and through it unchanged, not one it computes")
 
 
-_CALLS = {"remat2": "jaxpr", "checkpoint": "jaxpr", "jit": "jaxpr", "pjit": "jaxpr",
-          "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr"}
+# Primitives that call one body as it is, and the parameter that holds it: inlined when a
+# tracked weight goes in (HIGHER_ORDER below), followed by `_forwards` for weights passed through.
+_INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+            "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+            "custom_vjp_call_jaxpr": "fun_jaxpr"}
+_CALLS = {**_INLINED, "remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
 def _forwards(jaxpr: jex.core.Jaxpr) -> dict[int, int]:
@@ -347,13 +350,7 @@ def cond_rule(eqn, invals, ctx):
 
 
 HIGHER_ORDER: dict[str, Callable] = {
-    "jit": inline_rule("jaxpr"),
-    "pjit": inline_rule("jaxpr"),
-    "closed_call": inline_rule("call_jaxpr"),
-    "core_call": inline_rule("call_jaxpr"),
-    "custom_jvp_call": inline_rule("call_jaxpr"),
-    "custom_vjp_call": inline_rule("call_jaxpr"),
-    "custom_vjp_call_jaxpr": inline_rule("fun_jaxpr"),
+    **{name: inline_rule(param) for name, param in _INLINED.items()},
     "remat2": remat_rule,
     "checkpoint": remat_rule,
     "scan": scan_rule,
