@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = "sentence-transformers/all-MiniLM-L6-v2"  # [hf model] an HF directory or hub id
     c.model.dtype = "float32"  # [float32|bfloat16] base weights (adapters stay float32)
     c.model.scan_layers = False  # [bool] one nn.scan over the layers: one compiled layer, stacked weights
-    c.model.remat = False  # [bool] recompute each layer's activations in the backward pass (memory for time)
+    c.model.remat = "none"  # [none|full|save_dots|save_dots_except_mlp] backward recompute
     c.model.attention = "auto"  # [auto|xla|cudnn] auto: cuDNN flash attention on NVIDIA GPUs, bf16; else XLA
 
     c.lora = ml_collections.ConfigDict()

@@ -131,7 +131,7 @@ def test_pretrain_refuses_an_adaptation_config(tmp_path):
 
 def test_scanned_pretrain_exports_per_layer_weights_that_unscanned_runs_read(tmp_path):
     pre = _tiny(pretrain_config.get_config("smoke"), tmp_path)
-    pre.causal_lm.layers, pre.model.scan_layers, pre.model.remat = 2, True, True
+    pre.causal_lm.layers, pre.model.scan_layers, pre.model.remat = 2, True, "full"
     out = pretrain(pre, str(tmp_path / "pre_run"))
     assert "model.layers.1.self_attn.q_proj.weight" in load_file(os.path.join(out, "model.safetensors"))
     c = _tiny(lora_config.get_config("smoke"), tmp_path)

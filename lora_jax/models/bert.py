@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
+from lora_jax.models.remat import policy_name, tag, wrap_layer
 
 BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ACTS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True}  # -> approximate?
@@ -37,7 +38,10 @@ class BertConfig:
     model_type: str = "bert"
     add_pooler: bool = False
     scan_layers: bool = False
-    remat: bool = False
+    remat: str = "none"  # see lora_jax/models/remat.py
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", policy_name(self.remat))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> BertConfig:
@@ -101,16 +105,16 @@ class SelfAttention(nn.Module):
         B, T, D = x_BxTxD.shape
         H = c.num_attention_heads
         K = D // H
-        q_BxTxHxK = _dense(D, "query")(x_BxTxD).reshape(B, T, H, K)
-        k_BxSxHxK = _dense(D, "key")(x_BxTxD).reshape(B, T, H, K)
-        v_BxSxHxK = _dense(D, "value")(x_BxTxD).reshape(B, T, H, K)
+        q_BxTxHxK = tag(_dense(D, "query")(x_BxTxD), "query_proj").reshape(B, T, H, K)
+        k_BxSxHxK = tag(_dense(D, "key")(x_BxTxD), "key_proj").reshape(B, T, H, K)
+        v_BxSxHxK = tag(_dense(D, "value")(x_BxTxD), "value_proj").reshape(B, T, H, K)
         scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
         scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
         keep_Bx1x1xS = (mask_BxT > 0)[:, None, None, :]
         scores_BxHxTxS = jnp.where(keep_Bx1x1xS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
-        return out_BxTxHxK.reshape(B, T, D)
+        return tag(out_BxTxHxK.reshape(B, T, D), "attention_out")
 
 
 class AddNorm(nn.Module):
@@ -162,7 +166,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD, mask_BxT):
         c = self.config
-        layer_cls = nn.remat(Layer, prevent_cse=not c.scan_layers) if c.remat else Layer
+        layer_cls = wrap_layer(Layer, c.remat, c.scan_layers)
         if c.scan_layers:
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=c.num_hidden_layers)

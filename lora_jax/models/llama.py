@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
 from lora_jax.models.precision import grouped_attention
+from lora_jax.models.remat import policy_name, tag, wrap_layer
 from lora_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -49,12 +50,13 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral
     model_type: str = "llama"
     scan_layers: bool = False
-    remat: bool = False
+    remat: str = "none"  # see lora_jax/models/remat.py
     attention: str = "xla"  # "xla" (any backend) or "cudnn" (fused flash kernel, NVIDIA GPUs, bf16)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KERNELS:
             raise LoraError(f"attention '{self.attention}' is not one of {ATTENTION_KERNELS}")
+        object.__setattr__(self, "remat", policy_name(self.remat))
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -133,9 +135,9 @@ class Attention(nn.Module):
         c = self.config
         B, T, _ = x_BxTxD.shape
         H, KV, K = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q_BxTxHxK = _dense(H * K, c.qkv_bias, "q_proj")(x_BxTxD).reshape(B, T, H, K)
-        k_BxSxVxK = _dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD).reshape(B, T, KV, K)
-        v_BxSxVxK = _dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD).reshape(B, T, KV, K)
+        q_BxTxHxK = tag(_dense(H * K, c.qkv_bias, "q_proj")(x_BxTxD), "query_proj").reshape(B, T, H, K)
+        k_BxSxVxK = tag(_dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD), "key_proj").reshape(B, T, KV, K)
+        v_BxSxVxK = tag(_dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD), "value_proj").reshape(B, T, KV, K)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
         k_BxSxVxK = apply_rope(k_BxSxVxK, cos_BxTxK, sin_BxTxK)
         if kv is not None:
@@ -155,7 +157,8 @@ class Attention(nn.Module):
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK,
                                                        mask=allowed_BxTxS[:, None, :, :],
                                                        implementation="cudnn")
-        out_BxTxD = _dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxHxK.reshape(B, T, H * K))
+        out_BxTxHK = tag(out_BxTxHxK.reshape(B, T, H * K), "attention_out")
+        out_BxTxD = tag(_dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxHK), "out_proj")
         return out_BxTxD if kv is None else (out_BxTxD, (k_BxSxVxK, v_BxSxVxK))
 
 
@@ -256,8 +259,7 @@ class LlamaModel(nn.Module):
                 cache["mask"], mask_BxT.astype(jnp.int32), (zero, index))
             allowed_BxTxS = cached_attention_allowed(cache_mask_BxS, index, T, c.sliding_window)
         rope = (allowed_BxTxS, cos_BxTxK, sin_BxTxK)
-        layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat \
-            else DecoderLayer
+        layer_cls = wrap_layer(DecoderLayer, c.remat, c.scan_layers)
         if c.scan_layers:
             in_axes = (nn.broadcast,) * 3 + ((0, nn.broadcast) if cache is not None else ())
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -17,6 +17,7 @@ from lora_jax.errors import LoraError
 from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.checkpoint import SafetensorsDir
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.models.quantized import QuantizingReader, check_quant
 from lora_jax.paths import flat_paths, nest
 
 PyTree = Any
@@ -201,20 +202,25 @@ def load(
     shardings: Any = None,
     *,
     scan_layers: bool = False,
-    remat: bool = False,
+    remat: bool | str = "none",
     attention: str = "auto",
+    quant: str | None = None,
 ) -> LoadedModel:
     """Load an HF safetensors checkpoint into Flax params (never pickle, never remote code).
 
     `dtype` casts floating weights; `shardings` is a params-shaped pytree of shardings or a
     callable (path, shape) -> sharding, and each tensor is read straight into it. `attention`
-    ("auto", "xla" or "cudnn"; see `pick_attention`) picks the attention kernel.
+    ("auto", "xla" or "cudnn"; see `pick_attention`) picks the attention kernel; `remat` is an
+    activation-memory policy of lora_jax/models/remat.py (True/False: "full"/"none").
+    `quant` ("nf4", "fp4" or "int8") quantises each linear kernel as it is read; a checkpoint
+    bitsandbytes quantised is read as stored either way (see lora_jax/models/quantized.py).
     """
     directory = resolve(path_or_id)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise LoraError(f"{directory} has no config.json")
     hf_config = json.loads(config_file.read_text())
+    check_quant(quant, hf_config)
     family = family_of(hf_config)
     tensors = SafetensorsDir(directory)
     tensors.prefix = _prefix(tensors, family)
@@ -225,8 +231,9 @@ def load(
     family, module, config = build_module(hf_config, dtype or checkpoint_dtype(hf_config), **overrides)
     shapes = param_shapes(module)
     sharding_of = _sharding_for(shardings)
+    reader = QuantizingReader(tensors, quant, checkpoint_dtype(hf_config) or "float32")
     flat = {
-        path: tensors.read(path, tuple(s.shape), dtype, sharding_of(path, tuple(s.shape)))
+        path: reader.read(path, tuple(s.shape), dtype, sharding_of(path, tuple(s.shape)))
         for path, s in flat_paths(shapes)
     }
     tensors.check_all_used(_ignorable(family, tensors.prefix))
