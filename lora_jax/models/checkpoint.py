@@ -58,6 +58,11 @@ class SafetensorsDir:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slice(key).get_shape())
 
+    def read_raw(self, key: str) -> np.ndarray:
+        """One whole tensor as stored (a quantised weight's parts; small or packed)."""
+        view = self._slice(key)
+        return np.asarray(view[:] if view.get_shape() else view[()])
+
     def _check(self, key: str, want: tuple[int, ...], path: str) -> None:
         if key not in self.key_file:
             raise LoraError(

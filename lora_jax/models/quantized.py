@@ -1,0 +1,85 @@
+"""Frozen weights quantised at load time, or read as bitsandbytes stored them.
+
+load(path, quant="nf4") quantises each linear layer's kernel as it is read: one tensor is dense
+at a time, on one device, and only its QuantizedWeight is kept. A checkpoint transformers saved
+quantised (`*-bnb-4bit`, LLM.int8) is read as stored, never dequantised. Which weights:
+those bitsandbytes/transformers quantise, every linear layer's kernel except the LM head;
+embeddings, norms and biases stay dense.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_jax.errors import LoraError
+from lora_jax.models.checkpoint import SafetensorsDir
+from lora_jax.models.hf_names import flax_to_hf, is_stacked
+from lora_jax.quant import KINDS, QuantizedWeight, quantize
+from lora_jax.quant.bnb_layout import layout_index, read_bnb, stored_kind
+
+_quantize_jit = jax.jit(quantize, static_argnames=("kind", "blocksize", "double_quant", "transpose"))
+
+
+def quantizable(path: str) -> bool:
+    """Whether a params path is a kernel bitsandbytes would quantise (not the LM head)."""
+    parts = path.split("/")
+    return parts[-1] == "kernel" and "lm_head" not in parts
+
+
+def check_quant(quant: Any, hf_config: dict[str, Any]) -> None:
+    if quant is not None and quant not in KINDS:
+        raise LoraError(f"quant={quant!r}; expected None or one of {', '.join(KINDS)}")
+    method = (hf_config.get("quantization_config") or {}).get("quant_method", "bitsandbytes")
+    if method != "bitsandbytes":
+        raise LoraError(f"config.json's quantization_config.quant_method is {method!r}; only "
+                        "bitsandbytes-quantised checkpoints (or dense ones) can be read")
+
+
+class QuantizingReader:
+    """Reads params leaves from `tensors`, quantising or decoding the linear kernels."""
+
+    def __init__(self, tensors: SafetensorsDir, quant: str | None, int8_dtype: str):
+        self.tensors, self.quant, self.int8_dtype = tensors, quant, int8_dtype
+        self.layouts = layout_index(tensors.key_file)
+
+    def read(self, path: str, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
+        """The leaf at `path`: a jax.Array, or a QuantizedWeight of the Flax kernel."""
+        stacked = is_stacked(path)
+        key = self.tensors.prefix + flax_to_hf(path, 0 if stacked else None)[0]
+        parts = self.layouts.get(key)
+        if parts and not quantizable(path):
+            raise LoraError(f"tensor '{key}' is stored quantised; only linear layers' kernels may "
+                            f"be (not '{path}')")
+        if stacked and (parts or (self.quant and quantizable(path))):
+            raise LoraError(f"'{path}': quantised weights need scan_layers=False for now "
+                            "(stacked layers are not quantised yet)")
+        if parts:
+            kind = stored_kind(key, parts)
+            if self.quant not in (None, kind):
+                raise LoraError(f"'{key}' is stored as {kind}; quant={self.quant!r} would quantise "
+                                f"it again (pass quant=None or {kind!r})")
+            self.tensors.used.update([key, *parts.values()])
+            name = None if dtype is None else np.dtype(dtype).name
+            q = read_bnb(key, parts, self.tensors.read_raw, tuple(reversed(shape)),
+                         name if name or kind != "int8" else self.int8_dtype)
+            return _place(q, sharding, path)
+        if self.quant and quantizable(path):
+            dense = self.tensors.read(path, shape, dtype, None)
+            return _place(_quantize_jit(dense, kind=self.quant, transpose=True), sharding, path)
+        return self.tensors.read(path, shape, dtype, sharding)
+
+
+def _place(q: QuantizedWeight, sharding: Any, path: str) -> QuantizedWeight:
+    """Every array of `q` on `sharding`'s devices, replicated; a sharding that splits the weight
+    is refused (quantised weights are not sharded yet)."""
+    if sharding is None:
+        return jax.device_put(q, jax.devices()[0])
+    if not sharding.is_fully_replicated:
+        raise LoraError(f"'{path}' is quantised, and quantised weights are replicated; its "
+                        f"sharding {sharding} splits it (use data parallelism, or no quant)")
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.device_put(q, sharding)
