@@ -20,7 +20,8 @@ from lora_jax.models.hf_names import flax_to_hf, is_stacked
 from lora_jax.quant import KINDS, QuantizedWeight, quantize
 from lora_jax.quant.bnb_layout import layout_index, read_bnb, stored_kind
 
-_quantize_jit = jax.jit(quantize, static_argnames=("kind", "blocksize", "double_quant", "transpose"))
+# quantize, compiled once per kernel shape (and jitted as in the parity tests)
+quantize_jit = jax.jit(quantize, static_argnames=("kind", "blocksize", "double_quant", "transpose"))
 
 
 def quantizable(path: str) -> bool:
@@ -68,7 +69,7 @@ class QuantizingReader:
             return _place(q, sharding, path)
         if self.quant and quantizable(path):
             dense = self.tensors.read(path, shape, dtype, None)
-            return _place(_quantize_jit(dense, kind=self.quant, transpose=True), sharding, path)
+            return _place(quantize_jit(dense, kind=self.quant, transpose=True), sharding, path)
         return self.tensors.read(path, shape, dtype, sharding)
 
 
