@@ -7,8 +7,10 @@ output axis, row-parallel ones on their input axis).
 
 from __future__ import annotations
 
+import collections
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -86,8 +88,24 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
 
 
 def to_device(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global numpy array (the same on every process) placed shard by shard."""
+    """A global numpy array (the same on every process) placed shard by shard; an explicit
+    transfer (`device_put`) where this process holds every shard."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def device_batches(batches: Iterator[dict[str, np.ndarray]], shardings: dict[str, NamedSharding],
+                   ahead: int = 1) -> Iterator[dict[str, jax.Array]]:
+    """Global numpy batches placed on device `ahead` batches early: when a step is dispatched,
+    the next one's batch is already being copied, so the loop never waits for a transfer."""
+    queue: collections.deque = collections.deque()
+    for host in batches:
+        queue.append({k: to_device(v, shardings[k]) for k, v in host.items()})
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def like_params(opt_shapes: Any, params: Any, param_sh: Any, default: Any) -> Any:

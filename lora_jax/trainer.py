@@ -6,6 +6,7 @@ Everything a bad config can break is checked before the workdir is touched.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -31,6 +32,9 @@ from lora_jax.trainable import partition
 
 # Fields a resumed run may change: how long it goes on and how often it reports.
 RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "ckpt_every", "keep_checkpoints")
+# Around each step call; tests put `jax.transfer_guard_host_to_device("disallow")` here to show
+# that the step is fed device arrays only (a host array would be a blocking implicit copy).
+STEP_GUARD = contextlib.nullcontext
 
 
 def lora_spec(cfg: Any) -> lora_jax.LoraSpec:
@@ -167,15 +171,18 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
 
     # ---- The loop. On SIGTERM/SIGINT: finish the step, checkpoint it, stop.
     last_eval = evaluate(0) if start == 0 else {}
-    batches = task.batches(position)
+    # The host never waits between log steps: batches are placed one step early, metrics stay on
+    # device until a log step reads them, nothing else is read back (tests/test_host_loop.py).
+    batches = shd.device_batches(task.batches(position), batch_sh)
     t0, done_since = time.perf_counter(), start
 
     def saved_tree() -> dict:
         return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
 
     for step in range(start, steps):
-        batch = {k: shd.to_device(v, batch_sh[k]) for k, v in next(batches).items()}
-        state, metrics = train_step(state, batch)
+        batch = next(batches)
+        with STEP_GUARD():
+            state, metrics = train_step(state, batch)
         position += 1
         done = step + 1
         if done % config.log_every == 0 or done == steps:
