@@ -83,8 +83,10 @@ def retrieval_batch(batch: int, query_len: int, code_len: int, vocab: int, seed:
     return out
 
 
-def minilm(batch: int = 32, query_len: int = 64, code_len: int = 128, path: str = MINILM) -> Model:
-    m = load(path)
+def minilm(batch: int = 32, query_len: int = 64, code_len: int = 128, path: str = MINILM,
+           **options: Any) -> Model:
+    """MiniLM on a retrieval batch; `options`: load's scan_layers, remat, attention."""
+    m = load(path, **options)
     c = m.config
     data = retrieval_batch(batch, query_len, code_len, c.vocab_size)
     return Model("minilm", m.fn, m.params, code_search_loss, data,
@@ -103,9 +105,10 @@ def llama_config(width: int, layers: int = 4, vocab: int = 8192) -> dict:
             "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
 
-def llama(width: int, batch: int = 4, seq: int = 128, layers: int = 4, vocab: int = 8192) -> Model:
+def llama(width: int, batch: int = 4, seq: int = 128, layers: int = 4, vocab: int = 8192,
+          **options: Any) -> Model:
     hf = llama_config(width, layers, vocab)
-    m = from_config(hf, seed=0)
+    m = from_config(hf, seed=0, **options)
     rng = np.random.default_rng(0)
     data = {"ids": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
             "mask": np.ones((batch, seq), np.int32)}
