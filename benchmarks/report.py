@@ -34,7 +34,7 @@ def targets(res: dict) -> list[dict]:
     pairs = {"minilm": res["minilm"]["lora_vs_full"], **res["llama"]}
     for name, p in pairs.items():
         add(f"{name}: LoRA/full XLA FLOPs", p["ratios"]["xla_flops"], "<= 0.70", lambda v: v <= 0.70)
-        add(f"{name}: LoRA/full step time", p["ratios"]["step_time"], "<= 0.75", lambda v: v <= 0.75)
+        add(f"{name}: LoRA/full step time", p["ratios"]["step_time"], "<= 0.70", lambda v: v <= 0.70)
         add(f"{name}: optimizer bytes / adapter bytes", p["lora_optimizer_over_adapter_bytes"],
             "= 2 (±1%)", lambda v: abs(v - 2) <= 0.02)
     for name, p in res["llama"].items():  # the bound is for configs where weights dominate
@@ -42,8 +42,10 @@ def targets(res: dict) -> list[dict]:
         add(f"{name}: LoRA/full compiled memory ({'weight' if heavy else 'activation'}-dominated)",
             p["ratios"]["compiled_bytes"], "<= 0.40" if heavy else "n/a (activations > weights)",
             (lambda v: v <= 0.40) if heavy else (lambda v: None))
-    add("MiniLM LoRA step: lora_jax / PEFT", res["minilm"].get("vs_peft", {}).get("lora"), "<= 0.80",
-        lambda v: v <= 0.80)
+    add("MiniLM LoRA step, fp32, equal math: lora_jax / PEFT (same run)",
+        res["minilm"].get("vs_peft", {}).get("lora"), "<= 1.00", lambda v: v <= 1.00)
+    add("the same, each side alone in its own process",
+        res["minilm"].get("alone", {}).get("ours_over_peft"), "<= 1.00", lambda v: v <= 1.00)
     add("MiniLM LoRA step: achieved FLOP/s / dense matmul", res["machine_ceiling"]["fraction"],
         ">= 0.65", lambda v: v >= 0.65)
     add("MiniLM LoRA step: lora_jax / hand-written", res["minilm"]["vs_handwritten"], "<= 1.05",
@@ -119,10 +121,18 @@ def markdown(res: dict) -> str:
     mn = res["minilm"]
     L += ["", SECTIONS[2], ""]
     if "vs_peft" in mn:
-        L += ["| method | lora_jax s | PEFT s | lora_jax / PEFT |", "|---|---|---|---|"]
+        L += ["Equal math: PEFT's forward without dropout (lora_jax's BERT has none); the `+dropout` "
+              "row is PEFT's usual training mode, shown for reference, not compared.", "",
+              "| method | lora_jax s | PEFT s | lora_jax / PEFT |", "|---|---|---|---|"]
         for meth, r in mn["vs_peft"].items():
-            ours = mn["lora_vs_full"][meth]["median_s"]
+            ours = mn["lora_vs_full"][meth.split("+")[0]]["median_s"]
             L.append(f"| {meth} | {_f(ours)} | {_f(mn['peft'][meth]['median_s'])} | {_f(r)} |")
+        alone = mn.get("alone", {})
+        if alone:
+            L.append("| lora, each side alone in its own process | "
+                     + " | ".join(_f(alone[k].get("median_s")) if "median_s" in alone[k]
+                                  else alone[k].get("error", "")[:60] for k in ("ours", "peft"))
+                     + f" | {_f(alone.get('ours_over_peft'))} |")
         L.append(f"\nPEFT attention: {mn['peft']['lora'].get('attn_implementation')}, "
                  f"torch threads {mn['peft']['lora'].get('torch_threads')}.")
     else:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from benchmarks import handwritten, steps, torch_peft
+from benchmarks import handwritten, solo, steps, torch_peft
 from benchmarks.common import alternate, block, ratio, summary
 from lora_jax.adapter_io import save_adapter
 from lora_jax.models import BertConfig
@@ -66,10 +66,14 @@ def minilm_group(size: dict, model_dir: str | None) -> dict:
     why_not = torch_peft.available()
     if why_not is None:
         hf_dir = str(resolve(path))
-        for method in ("lora", "full"):
-            run, info = torch_peft.make_step(hf_dir, model.batch, method, threads=size["threads"])
-            runners[f"peft/{method}"] = run
-            peft_info[method] = info
+        # equal math (dropout off, as lora_jax's BERT) for both methods; PEFT's usual training
+        # mode (dropout on) as a labelled extra row
+        for method, dropout in (("lora", False), ("full", False), ("lora", True)):
+            name = method + ("+dropout" if dropout else "")
+            run, info = torch_peft.make_step(hf_dir, model.batch, method, threads=size["threads"],
+                                             dropout=dropout)
+            runners[f"peft/{name}"] = run
+            peft_info[name] = info
     else:
         _log(f"PEFT comparison skipped: {why_not}")
     _log(f"timing {len(runners)} MiniLM steps alternating, {size['steps']} rounds")
@@ -85,8 +89,13 @@ def minilm_group(size: dict, model_dir: str | None) -> dict:
                                                             times[hand.name]["median_s"])}
     if peft_info:
         out["peft"] = {m: {**peft_info[m], **times[f"peft/{m}"]} for m in peft_info}
-        out["vs_peft"] = {m: ratio(times[f"ours/{m}"]["median_s"], times[f"peft/{m}"]["median_s"])
-                          for m in peft_info}
+        out["vs_peft"] = {m: ratio(times[f"ours/{m.split('+')[0]}"]["median_s"],
+                                   times[f"peft/{m}"]["median_s"]) for m in peft_info}
+        _log("each side's LoRA step alone in a process of its own")
+        alone = {side: solo.in_subprocess(side, size, hf_dir) for side in ("ours", "peft")}
+        out["alone"] = alone
+        if "median_s" in alone["ours"] and "median_s" in alone["peft"]:
+            out["alone"]["ours_over_peft"] = ratio(alone["ours"]["median_s"], alone["peft"]["median_s"])
     else:
         out["peft"] = {"skipped": why_not}
     out["_adapters"] = lora.state.trainable["adapters"]

@@ -3,6 +3,10 @@
 BertModel.from_pretrained(the MiniLM dir) + LoraConfig(r, alpha, ["query", "value"]); mean
 pooling, L2 normalisation, InfoNCE at temperature 0.05; torch.optim.AdamW with the same
 hyper-parameters and the same global-norm clipping as lora_jax's optimizer.
+
+Equal math: lora_jax's BERT has no dropout, so by default the PEFT model runs its forward in
+`eval()` mode (dropout off, gradients still flow); `dropout=True` is PEFT's usual training mode
+(BERT's hidden and attention dropout 0.1), a labelled second row, not the comparison.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def _loss(model: Any, batch: dict, temperature: float) -> Any:
 
 
 def make_step(model_dir: str, batch: dict[str, np.ndarray], method: str, rank: int = 16,
-              alpha: float = 32.0, threads: int = 2, device: str = "cpu") -> tuple[Callable, dict]:
+              alpha: float = 32.0, threads: int = 2, device: str = "cpu",
+              dropout: bool = False) -> tuple[Callable, dict]:
     """(step(), info): one optimizer step per call, on `device`, synchronised before returning."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -52,7 +57,7 @@ def make_step(model_dir: str, batch: dict[str, np.ndarray], method: str, rank: i
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=["query", "value"]))
-    model.train()
+    model.train(dropout)  # eval mode only switches dropout off here: no batch norm in BERT
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     tb = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
@@ -66,7 +71,7 @@ def make_step(model_dir: str, batch: dict[str, np.ndarray], method: str, rank: i
         if device != "cpu":
             torch.cuda.synchronize()
 
-    info = {"method": method, "trainable_params": sum(p.numel() for p in params),
+    info = {"method": method, "dropout": dropout, "trainable_params": sum(p.numel() for p in params),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "torch_threads": torch.get_num_threads()}
     return step, info

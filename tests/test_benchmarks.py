@@ -36,6 +36,12 @@ def test_smoke_writes_results_json_with_every_section(smoke):
     assert len(on_disk["llama"]) == len(on_disk["settings"]["widths"])
     assert "vs_handwritten" in on_disk["minilm"]
     assert "vs_peft" in on_disk["minilm"] or "skipped" in on_disk["minilm"]["peft"]
+    if "vs_peft" in on_disk["minilm"]:  # equal math (no dropout), PEFT's dropout row, each side alone
+        peft = on_disk["minilm"]["peft"]
+        assert set(on_disk["minilm"]["vs_peft"]) == {"lora", "full", "lora+dropout"}
+        assert (peft["lora"]["dropout"], peft["lora+dropout"]["dropout"]) == (False, True)
+        alone = on_disk["minilm"]["alone"]
+        assert "median_s" in alone["ours"] and "median_s" in alone["peft"], alone
     sc = on_disk["scaling"]
     assert [r["rank"] for r in sc["rank"]] == list(on_disk["settings"]["ranks"])
     assert [r["seq"] for r in sc["seq"]] == list(on_disk["settings"]["seqs"])
