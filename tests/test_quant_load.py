@@ -3,6 +3,7 @@
 transformers quantised with bitsandbytes load bit for bit as bitsandbytes dequantises them; a
 layout that is not bitsandbytes' is one LoraError naming the tensor."""
 
+import dataclasses
 import json
 import weakref
 
@@ -244,3 +245,33 @@ def test_replicated_shardings_place_every_quantised_array(plain_dir):
     for x in jax.tree.leaves(kernel):
         assert x.sharding.is_equivalent_to(replicated, x.ndim)
     assert jnp.asarray(quant.dequantize(kernel)).shape == (64, 128)
+
+
+@pytest.mark.parity
+def test_peft_adapter_on_the_nf4_checkpoint_gives_peftmodel_logits(hf_quantized, tmp_path):
+    """QLoRA inference: a PEFT adapter over transformers' 4-bit model vs lora_jax.apply over the
+    same checkpoint loaded quantised (dequantised in the matmuls)."""
+    import peft
+    import torch
+
+    from lora_jax import apply
+    from lora_jax.peft import load_adapter
+
+    model, directory = hf_quantized["nf4"]
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(model, config).eval()
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ids = np.random.default_rng(0).integers(2, 256, size=(2, 10)).astype(np.int32)
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        with theirs.disable_adapter():
+            base = theirs(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    theirs.unload()  # the shared fixture's model without the adapter again
+    ours = models.load(directory)
+    # load_adapter reads only the weights' shapes (it walks QuantizedWeight leaves as arrays)
+    shapes = dataclasses.replace(ours, params=jax.eval_shape(quant.dequantize_params, ours.params))
+    adapters = load_adapter(str(tmp_path / "adapter"), shapes)
+    logits = np.asarray(jax.jit(lambda p, a, x: apply(ours.fn, p, a, x))(ours.params, adapters, ids))
+    assert np.abs(expected - base).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)  # fp32 throughout, fixed once
