@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths, nest, path_str
+from lora_jax.quant.tree import dequantize_params
 
 PyTree = Any
 
@@ -125,8 +126,9 @@ def merge(params: PyTree, adapters: PyTree) -> PyTree:
     Merged inference costs exactly the base's forward. In bf16 the sum is rounded to bf16, so
     `unmerge(merge(p, a), a)` differs from p by up to half a bf16 ulp of w + ΔW plus half of w's:
     at most 2⁻⁸·(|w + ΔW| + |w|) per weight (in fp32, by fp32 rounding only).
+    Quantised weights (lora_jax.quant) are dequantised first: the result is a dense tree.
     """
-    return _fold(params, adapters, 1.0)
+    return _fold(dequantize_params(params), adapters, 1.0)
 
 
 def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:

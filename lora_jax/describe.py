@@ -1,7 +1,8 @@
 """`describe`: the dry run before training -- what `init` would build, and what it would refuse.
 
 It traces `fn` abstractly (the same discovery pass and layout function `init` uses), so nothing is
-allocated and `params` may be `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(model.init, ...)`).
+allocated and `params` may be `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(model.init, ...)`)
+or hold QuantizedWeights (their dtype cell reads e.g. "nf4->float32").
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax.paths import array_paths
+from lora_jax.paths import array_paths, flat_paths
+from lora_jax.quant.frozen import standins
+from lora_jax.quant.weight import is_quantized
 from lora_jax.spec import LoraSpec
 from lora_jax.transform import plan
 
@@ -86,9 +89,12 @@ def describe(fn: Callable, params: Any, *example_args: Any, spec: LoraSpec,
     gets its reason in `Row.refusal` instead of an error. Bad specs and bad params still raise.
     """
     planned = {p.path: p for p in plan(fn, params, example_args, spec, allow_materialize)}
+    kinds = {p: q.kind for p, q in flat_paths(params, is_leaf=is_quantized) if is_quantized(q)}
     rows = []
-    for path, w in array_paths(params, abstract=True):
+    for path, w in array_paths(standins(params), abstract=True):
         shape, dtype = tuple(w.shape), np.dtype(w.dtype).name
+        if path in kinds:  # a quantised weight: its format, and the dtype it dequantises to
+            dtype = f"{kinds[path]}->{dtype}"
         p = planned.get(path)
         if p is None:
             rows.append(Row(path, shape, dtype, False))

@@ -8,6 +8,9 @@ this interpreter inside, so stacked adapters are sliced by the same scan that sl
 A weight such a primitive hands back unchanged (`nnx.remat` returns the module's weights, a scan
 carries a loop-invariant one) comes out as the same `Tracked`; only a changed one is refused.
 
+A quantised base weight is carried as a `Frozen` (lora_jax.quant.frozen): followed through
+views and scans like a `Tracked`, dequantised only at the equation that consumes it.
+
 The same interpreter runs in discovery mode (`Context.uses` is a list, A and B are None): then
 consumers only record how each weight is contracted, which is how `init` picks adapter shapes.
 """
@@ -23,6 +26,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
+from lora_jax.quant.frozen import is_frozen, scan_slices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,11 @@ def is_tracked(x: Any) -> bool:
     return isinstance(x, Tracked)
 
 
+def is_carried(x: Any) -> bool:
+    """A value the interpreter follows: an adapted weight, or a quantised one (`Frozen`)."""
+    return isinstance(x, Tracked) or is_frozen(x)
+
+
 def eval_jaxpr(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context):
     """Evaluate `jaxpr` where some inputs may be `Tracked`; returns the list of outputs."""
     from lora_jax import rules
@@ -118,7 +127,7 @@ def eval_jaxpr(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any]
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         with eqn.ctx.manager:
-            if any(is_tracked(x) for x in invals):
+            if any(is_carried(x) for x in invals):
                 outs = rules.apply_rule(eqn, invals, ctx)
             else:
                 outs = bind(eqn, invals)
@@ -145,11 +154,13 @@ def untrack_changed(values: Sequence[Any], prim: str, ctx: Context, what: str) -
     `init` and `describe` can name the weight and the reason."""
     out = []
     for x in values:
+        if is_frozen(x):
+            raise LoraError(changed_message(x.path, prim, what))
         if is_tracked(x):
             if not ctx.discovering:
                 raise LoraError(changed_message(x.path, prim, what))
             ctx.uses.append(Use(x.path, prim, "changed", note=what))
-            x = x.w
+            x = x.w.dense() if is_frozen(x.w) else x.w
         out.append(x)
     return out
 
@@ -192,7 +203,7 @@ def passed_through(jaxpr: jex.core.Jaxpr, invals: Sequence[Any], offset: int = 0
     """
     found = {}
     for o, i in _forwards(jaxpr).items():
-        if 0 <= i - offset < len(invals) and is_tracked(invals[i - offset]):
+        if 0 <= i - offset < len(invals) and is_carried(invals[i - offset]):
             found[o] = i - offset
     return found
 
@@ -242,8 +253,9 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
     orig = t.w_axes[0]
     sliced = t.sliced + (orig,)
     rest = dataclasses.replace(t, w=None, a=None, b=None, w_axes=t.w_axes[1:], sliced=sliced)
+    w_xs, w_step = scan_slices(t.w)  # a quantised stack: its codes, one layer a step
     if ctx.discovering:
-        return (t.w,), lambda xs: dataclasses.replace(rest, w=xs[0])
+        return (w_xs,), lambda xs: dataclasses.replace(rest, w=w_step(xs[0]))
     if orig not in t.stack_left:
         raise LoraError(
             f"weight '{t.path}' is sliced by a scan along axis {orig}, but its adapter is not "
@@ -251,7 +263,7 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
         )
     i = t.stack_left.index(orig) + (ctx.rows is not None)  # after a mixed batch's adapter axis
     a, b = jnp.moveaxis(t.a, i, 0), jnp.moveaxis(t.b, i, 0)
-    return (t.w, a, b), lambda xs: dataclasses.replace(rest, w=xs[0], a=xs[1], b=xs[2])
+    return (w_xs, a, b), lambda xs: dataclasses.replace(rest, w=w_step(xs[0]), a=xs[1], b=xs[2])
 
 
 def _scan_counts(p: dict) -> tuple[int, int]:
@@ -291,7 +303,8 @@ def scan_rule(eqn, invals, ctx):
         if is_tracked(x):
             arrays, rebuild = _slice_leading(x, ctx)
         else:
-            arrays, rebuild = (x,), lambda t: t[0]
+            x_xs, step = scan_slices(x)
+            arrays, rebuild = (x_xs,), lambda t, step=step: step(t[0])
         xs_arrays.append(arrays)
         rebuilds.append(rebuild)
     key = ctx.next_key()

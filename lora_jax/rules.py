@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lora_jax.errors import LoraError
 from lora_jax.interpreter import HIGHER_ORDER, Context, Tracked, Use, bind, is_tracked
+from lora_jax.quant import consume
 
 R = "Z"  # einsum label of the rank axis
 EX = "Y"  # einsum label of the example axis in a mixed-adapter batch
@@ -28,7 +29,7 @@ _LABELS = string.ascii_letters.replace(R, "").replace(EX, "")
 def _transpose(eqn, invals, ctx):
     (t,) = invals
     perm = eqn.params["permutation"]
-    w = eqn.primitive.bind(t.w, **eqn.params)
+    w = consume.view_w(eqn, t.w)
     return dataclasses.replace(t, w=w, w_axes=tuple(t.w_axes[i] for i in perm))
 
 
@@ -37,7 +38,7 @@ def _convert(eqn, invals, ctx):
     dtype = eqn.params["new_dtype"]
     if not jnp.issubdtype(dtype, jnp.floating):
         return _unsupported(eqn, invals, ctx)
-    w = eqn.primitive.bind(t.w, **eqn.params)
+    w = consume.view_w(eqn, t.w)
     if ctx.discovering:
         return dataclasses.replace(t, w=w)
     return dataclasses.replace(t, w=w, a=t.a.astype(dtype), b=t.b.astype(dtype))
@@ -46,7 +47,7 @@ def _convert(eqn, invals, ctx):
 def _on_w_only(eqn, invals, ctx):
     """Ops that change where or how W is held, not its values (sharding, copies)."""
     (t,) = invals
-    return dataclasses.replace(t, w=eqn.primitive.bind(t.w, **eqn.params))
+    return dataclasses.replace(t, w=consume.view_w(eqn, t.w))
 
 
 # ---------------------------------------------------------------- materialising fallback
@@ -350,4 +351,12 @@ def apply_rule(eqn, invals, ctx: Context):
     name = eqn.primitive.name
     if name in HIGHER_ORDER:
         return HIGHER_ORDER[name](eqn, invals, ctx)
-    return _RULES.get(name, _unsupported)(eqn, invals, ctx)
+    if any(consume.holds_quantized(x) for x in invals):  # dequantised here or followed as a view
+        return consume.at_use(eqn, invals, ctx, _dispatch)
+    return _dispatch(eqn, invals, ctx)
+
+
+def _dispatch(eqn, invals, ctx: Context):
+    if not any(is_tracked(x) for x in invals):  # a quantised weight without an adapter
+        return bind(eqn, invals)
+    return _RULES.get(eqn.primitive.name, _unsupported)(eqn, invals, ctx)

@@ -23,6 +23,8 @@ from lora_jax.interpreter import (
     is_tracked,
 )
 from lora_jax.paths import array_paths, flat_paths, nest
+from lora_jax.quant.frozen import frozen, is_frozen, standins
+from lora_jax.quant.weight import is_quantized
 from lora_jax.rules import unfactorable_message
 from lora_jax.spec import LoraSpec
 
@@ -33,8 +35,23 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
+def _weights(params: PyTree, abstract: bool = False) -> list[tuple[str, Any]]:
+    """(path, leaf) of every weight; a QuantizedWeight is one leaf, shown as the shape and dtype
+    of the weight it holds. Any other leaf must be an array (`array_paths` refuses the rest)."""
+    array_paths(jax.tree.map(lambda x: x.codes if is_quantized(x) else x, params,
+                             is_leaf=is_quantized), abstract)
+    return flat_paths(standins(params))
+
+
+def _values(params: PyTree) -> list[Any]:
+    """The leaves the interpreter starts from: arrays, and each QuantizedWeight as a `Frozen`."""
+    return [frozen(w, path) if is_quantized(w) else w
+            for path, w in flat_paths(params, is_leaf=is_quantized)]
+
+
 def _trace(fn: Callable, params: PyTree, args: Sequence[Any]):
-    """The closed jaxpr of fn(params, *args); non-array args stay static Python values."""
+    """The closed jaxpr of fn(params, *args); non-array args stay static Python values. A
+    quantised weight is traced as a dense stand-in of its shape and dtype."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
     dyn_idx = [i for i, x in enumerate(leaves) if _is_array(x)]
 
@@ -47,7 +64,7 @@ def _trace(fn: Callable, params: PyTree, args: Sequence[Any]):
     spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     dyn = [leaves[i] for i in dyn_idx]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-        jax.tree_util.tree_map(spec, params), [spec(x) for x in dyn]
+        jax.tree_util.tree_map(spec, standins(params)), [spec(x) for x in dyn]
     )
     return closed, jax.tree_util.tree_structure(out_shape), dyn
 
@@ -56,7 +73,7 @@ def _discover(fn, params, args, targeted: set[str]) -> list[Use]:
     """How `fn` uses each targeted weight, traced abstractly (jax.eval_shape: nothing allocated)."""
     closed, _, dyn = _trace(fn, params, args)
     ctx = Context(uses=[])
-    paths = [p for p, _ in flat_paths(params)]
+    paths = [p for p, _ in _weights(params, abstract=True)]
 
     def run(flat_params, dyn):
         vals = [
@@ -66,7 +83,7 @@ def _discover(fn, params, args, targeted: set[str]) -> list[Use]:
         ]
         return eval_closed(closed, [*vals, *dyn], ctx)
 
-    jax.eval_shape(run, jax.tree_util.tree_leaves(params), dyn)
+    jax.eval_shape(run, _values(params), dyn)
     return ctx.uses
 
 
@@ -143,7 +160,7 @@ def plan(fn: Callable, params: PyTree, args: Sequence[Any], spec: LoraSpec,
     """The adapter layout of every targeted weight, from one abstract trace; refusals are
     reported per weight, not raised (`init` raises the first, `describe` lists them all).
     `params` may hold `jax.ShapeDtypeStruct`s."""
-    weights = dict(array_paths(params, abstract=True))
+    weights = dict(_weights(params, abstract=True))
     targeted = spec.select(list(weights))
     uses = _discover(fn, params, args, set(targeted))
     return [_plan_one(p, weights[p], [u for u in uses if u.path == p], spec, allow_materialize)
@@ -188,11 +205,10 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
     The branch computes in the activations' dtype (bf16 activations: bf16 matmuls, as torch
     autocast does for PEFT); A and B keep their own dtype and get gradients in it.
     """
-    array_paths(params)
-    found = check_fits(params, adapters, stacked=adapter_index is not None)
+    found = check_fits(dict(_weights(params)), adapters, stacked=adapter_index is not None)
     closed, out_tree, dyn = _trace(fn, params, args)
     vals = []
-    for path, w in flat_paths(params):
+    for (path, _), w in zip(_weights(params), _values(params), strict=True):
         ad = found.get(path)
         if ad is None:
             vals.append(w)
@@ -211,6 +227,7 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
         ctx.rows, ctx.row_mask = jnp.maximum(index, 0), index >= 0
     outs = eval_closed(closed, [*vals, *dyn], ctx)
     for x in outs:
-        if is_tracked(x):
-            raise LoraError(f"fn returns the adapted weight '{x.path}' itself; return activations")
+        if is_tracked(x) or is_frozen(x):
+            kind = "adapted" if is_tracked(x) else "quantised"
+            raise LoraError(f"fn returns the {kind} weight '{x.path}' itself; return activations")
     return jax.tree_util.tree_unflatten(out_tree, outs)

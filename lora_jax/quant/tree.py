@@ -22,12 +22,16 @@ def quantize_params(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     transpose: bool = False,
+    stack_axes: int = 0,
 ) -> PyTree:
     """`params` with every leaf whose path (as lora_jax.paths.flat_paths gives it) fullmatches
     one of `targets` replaced by quantize(leaf, kind, ...); the rest untouched.
 
     A target matching no path, or a matched leaf that is already quantised or not a float
-    array, is a LoraError naming the path. For a Flax tree pass transpose=True (see quantize).
+    array, is a LoraError naming the path. For a Flax tree pass transpose=True (see quantize);
+    for the stacked [L, ...] kernels of a scanned model pass stack_axes=1, so that each layer is
+    quantised alone and a scan dequantises one layer at a time (quantise the unstacked weights
+    of the same tree with a second call).
     """
     flat = flat_paths(params, is_leaf=is_quantized)
     chosen = set(LoraSpec(targets=targets).select([p for p, _ in flat]))
@@ -39,7 +43,7 @@ def quantize_params(
         if is_quantized(leaf):
             raise LoraError(f"params leaf '{path}' is already quantised ({leaf.kind})")
         try:
-            return quantize(leaf, kind, blocksize, double_quant, transpose)
+            return quantize(leaf, kind, blocksize, double_quant, transpose, stack_axes)
         except LoraError as e:
             raise LoraError(f"params leaf '{path}': {e}") from None
 

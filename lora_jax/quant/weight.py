@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["codes", "absmax", "nested_absmax", "offset"],
-    meta_fields=["shape", "dtype", "kind", "blocksize", "transpose"],
+    meta_fields=["shape", "dtype", "kind", "blocksize", "transpose", "stack_axes"],
 )
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
@@ -36,6 +36,9 @@ class QuantizedWeight:
     shape, dtype: the original array's; kind, blocksize: the format.
     transpose: the codes are of the original array transposed (a Flax [in, out] kernel stored as
       the PyTorch [out, in] weight); dequantize transposes back.
+    stack_axes: how many leading axes of `shape` index a stack of layers (a scanned model's
+      [L, in, out] kernel). Each layer is quantised on its own and every array above carries
+      these axes first, so a scan can slice one layer's codes; `transpose` reverses the rest.
     """
 
     codes: jax.Array
@@ -47,6 +50,7 @@ class QuantizedWeight:
     kind: str
     blocksize: int | None
     transpose: bool
+    stack_axes: int = 0
 
     @property
     def double_quant(self) -> bool:
@@ -54,8 +58,10 @@ class QuantizedWeight:
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        """The shape the codes describe: the original's, reversed when `transpose`."""
-        return self.shape[::-1] if self.transpose else self.shape
+        """The shape the codes describe: the original's, its layer axes first and the rest
+        reversed when `transpose`."""
+        layers, rest = self.shape[: self.stack_axes], self.shape[self.stack_axes :]
+        return layers + (rest[::-1] if self.transpose else rest)
 
 
 def is_quantized(x: Any) -> bool:
@@ -68,9 +74,10 @@ def quantize(
     blocksize: int | None = None,
     double_quant: bool | None = None,
     transpose: bool = False,
+    stack_axes: int = 0,
 ) -> QuantizedWeight:
-    """Quantise `w` as bitsandbytes does; jittable (kind, blocksize, double_quant and transpose
-    are static).
+    """Quantise `w` as bitsandbytes does; jittable (kind, blocksize, double_quant, transpose and
+    stack_axes are static).
 
     kind: "nf4" / "fp4" (bitsandbytes' quantize_4bit: absmax blocks of `blocksize` elements,
       default 64, over the row-major order; `double_quant` (default True) quantises the absmax
@@ -81,9 +88,20 @@ def quantize(
       blocks, and its bytes, exactly (and for int8 one scale per output unit). Blocks then run
       along the input axes of N-D kernels too (a DenseGeneral [embed, heads, dim] is stored as
       [dim, heads, embed]). dequantize returns the original layout either way.
+    stack_axes: the leading axes that stack layers (1 for a scanned [L, in, out] kernel): each
+      layer w[l] is quantised exactly as quantize(w[l], ...) would, and the results stacked.
     """
     w = jnp.asarray(w)
     blocksize, double_quant = _check(w, kind, blocksize, double_quant)
+    _check_stack(w, stack_axes)
+    if stack_axes:
+        layers = w.shape[:stack_axes]
+        dq = None if kind == "int8" else double_quant
+        one = functools.partial(quantize, kind=kind, blocksize=blocksize, double_quant=dq,
+                                transpose=transpose)
+        q = jax.lax.map(one, w.reshape(-1, *w.shape[stack_axes:]))
+        q = jax.tree.map(lambda x: x.reshape(*layers, *x.shape[1:]), q)
+        return dataclasses.replace(q, shape=tuple(w.shape), stack_axes=stack_axes)
     shape, dtype = tuple(w.shape), w.dtype.name
     x = (w.T if transpose else w).astype(jnp.float32)
     nested_absmax = offset = None
@@ -104,6 +122,12 @@ def dequantize(q: QuantizedWeight, dtype: Any = None) -> jax.Array:
     if not is_quantized(q):
         raise LoraError(f"dequantize needs a QuantizedWeight; got {type(q).__qualname__}")
     out_dtype = _float_dtype(q.dtype if dtype is None else dtype, "dequantize dtype")
+    if q.stack_axes:  # each layer on its own, as it was quantised
+        layers = q.shape[: q.stack_axes]
+        one = dataclasses.replace(q, shape=q.shape[q.stack_axes :], stack_axes=0)
+        flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[q.stack_axes :]), one)
+        w = jax.vmap(lambda layer: dequantize(layer, out_dtype))(flat)
+        return w.reshape(*layers, *w.shape[1:])
     if q.kind == "int8":
         x = int8.dequantize_rows(q.codes.reshape(-1, q.codes.shape[-1]), q.absmax)
     else:
@@ -123,6 +147,12 @@ def _float_dtype(dtype: Any, what: str) -> jnp.dtype:
     if name not in DTYPES:
         raise LoraError(f"{what} is {name}; expected one of {', '.join(DTYPES)}")
     return jnp.dtype(name)
+
+
+def _check_stack(w: jax.Array, stack_axes: Any) -> None:
+    if not isinstance(stack_axes, int) or isinstance(stack_axes, bool) or not 0 <= stack_axes < w.ndim:
+        raise LoraError(f"stack_axes={stack_axes!r} for a weight of shape {tuple(w.shape)}; expected "
+                        f"an int from 0 to {w.ndim - 1} (the leading axes that stack layers)")
 
 
 def _check(w: jax.Array, kind: Any, blocksize: Any, double_quant: Any) -> tuple[int | None, bool]:
