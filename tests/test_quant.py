@@ -195,15 +195,16 @@ def test_errors_are_one_clear_line(call, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kind, double_quant", [("nf4", True), ("fp4", False), ("int8", None)])
+@pytest.mark.parametrize("kind, double_quant", [("nf4", True), ("int8", None)])
 def test_a_stack_is_each_layer_quantised_alone(kind, double_quant):
     w = np.stack([make_weight("nf4", 32, rows=4, seed=s).T for s in range(3)])  # [L, in, out]
     q = jax.jit(lambda w: quant.quantize(w, kind, double_quant=double_quant, transpose=True,
                                          stack_axes=1))(w)
     assert q.shape == w.shape and q.stack_axes == 1 and q.stored_shape == (3, *w.shape[:0:-1])
     dense = quant.dequantize(q)
+    one = jax.jit(lambda w: quant.quantize(w, kind, double_quant=double_quant, transpose=True))
     for layer in range(3):
-        alone = quant.quantize(w[layer], kind, double_quant=double_quant, transpose=True)
+        alone = one(w[layer])
         sliced = jax.tree.map(lambda x, i=layer: x[i], q)
         for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(sliced), strict=True):
             np.testing.assert_array_equal(bits(np.atleast_1d(a)), bits(np.atleast_1d(b)))

@@ -16,7 +16,7 @@ from lora_jax.adapters import adapter_items
 
 # Each case with the format its weights are quantised in (stack_axes=1: scanned layers).
 FORMATS = {
-    "linen_block": dict(kind="nf4", blocksize=32, transpose=True),  # Dense and DenseGeneral
+    "linen_block": dict(kind="nf4", blocksize=32, double_quant=False, transpose=True),  # Dense(General)
     "scanned": dict(kind="nf4", blocksize=32, transpose=True, stack_axes=1),  # nn.scan + remat
     "tied_embedding": dict(kind="int8"),  # gather + x·Eᵀ on one table
 }
@@ -43,7 +43,8 @@ def _adapters(case, params_q, seed=0, rank=2):
 
 def _reference(case, params_q, adapters):
     """fn on the dense dequantised base with the adapters merged: what QLoRA must compute."""
-    return jax.jit(case.fn)(lora_jax.merge(quant.dequantize_params(params_q), adapters), *case.args)
+    merged_fn = lambda p, a, *args: case.fn(lora_jax.merge(quant.dequantize_params(p), a), *args)
+    return jax.jit(merged_fn)(params_q, adapters, *case.args)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
