@@ -28,6 +28,7 @@ from lora_jax.adapters import Adapter, adapter_items
 from lora_jax.errors import LoraError
 from lora_jax.models.hf_names import flax_to_hf, hf_to_flax, is_stacked, stack_path
 from lora_jax.paths import flat_paths, nest
+from lora_jax.quant.weight import is_quantized
 
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -153,7 +154,7 @@ def load_adapter(directory: str, model: Any) -> Any:
             raise LoraError(f"{directory}: tensor '{key}' is not a LoRA factor (modules_to_save, biases "
                             "and DoRA magnitudes are not supported)")
         pairs[match.group(1)]["A" if "_A" in match.group(2) else "B"] = value
-    weights = dict(flat_paths(model.params))
+    weights = dict(flat_paths(model.params, is_leaf=is_quantized))  # a QuantizedWeight: one weight
     scanned = any(is_stacked(p) for p in weights)
     per_layer: dict[str, list] = collections.defaultdict(list)
     for module, ab in sorted(pairs.items()):

@@ -217,11 +217,27 @@ def test_a_stored_kind_is_not_quantised_again(hf_quantized):
         models.load(directory, quant="fp4")
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["quant-on-load", "bnb-4bit"])
+def test_scanned_layers_hold_each_layer_as_loaded_unscanned(plain_dir, hf_quantized, stored):
+    """scan_layers=True: each layer quantised (or read) on its own, stacked on a leading axis."""
+    directory = hf_quantized["nf4"][1] if stored else plain_dir
+    kind = None if stored else "nf4"
+    flat = leaves(models.load(directory, quant=kind).params)
+    scanned = leaves(models.load(directory, quant=kind, scan_layers=True).params)
+    stacks = [p for p, x in scanned.items() if quant.is_quantized(x)]
+    assert len(stacks) == len(LINEARS)
+    for path in stacks:
+        q = scanned[path]
+        assert q.stack_axes == 1 and q.shape[0] == TINY["num_hidden_layers"]
+        for i in range(q.shape[0]):
+            layer = jax.tree.map(lambda x, i=i: x[i], q)
+            layer = dataclasses.replace(layer, shape=q.shape[1:], stack_axes=0)
+            assert_same_leaf(layer, flat[models.unstack_path(path, i)], path)
+
+
 def test_quant_refusals(plain_dir):
     with pytest.raises(LoraError, match=r"quant='int4'; expected None or one of nf4, fp4, int8"):
         models.load(plain_dir, quant="int4")
-    with pytest.raises(LoraError, match="quantised weights need scan_layers=False"):
-        models.load(plain_dir, quant="nf4", scan_layers=True)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("fsdp",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     with pytest.raises(LoraError, match="/kernel' is quantised, and quantised weights are replicated"):

@@ -9,6 +9,7 @@ embeddings, norms and biases stay dense.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 
 from lora_jax.errors import LoraError
 from lora_jax.models.checkpoint import SafetensorsDir
-from lora_jax.models.hf_names import flax_to_hf, is_stacked
+from lora_jax.models.hf_names import flax_to_hf, is_stacked, unstack_path
 from lora_jax.quant import KINDS, QuantizedWeight, quantize
 from lora_jax.quant.bnb_layout import layout_index, read_bnb, stored_kind
 
@@ -47,16 +48,27 @@ class QuantizingReader:
         self.layouts = layout_index(tensors.key_file)
 
     def read(self, path: str, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
-        """The leaf at `path`: a jax.Array, or a QuantizedWeight of the Flax kernel."""
+        """The leaf at `path`: a jax.Array, or a QuantizedWeight of the Flax kernel. A scanned
+        stack [L, ...] is read, quantised or decoded one layer at a time, then stacked
+        (`stack_axes=1`), as quantize(stack, stack_axes=1) would store it."""
         stacked = is_stacked(path)
         key = self.tensors.prefix + flax_to_hf(path, 0 if stacked else None)[0]
         parts = self.layouts.get(key)
         if parts and not quantizable(path):
             raise LoraError(f"tensor '{key}' is stored quantised; only linear layers' kernels may "
                             f"be (not '{path}')")
-        if stacked and (parts or (self.quant and quantizable(path))):
-            raise LoraError(f"'{path}': quantised weights need scan_layers=False for now "
-                            "(stacked layers are not quantised yet)")
+        if not parts and not (self.quant and quantizable(path)):
+            return self.tensors.read(path, shape, dtype, sharding)
+        if not stacked:
+            return _place(self._one(path, None, shape, dtype), sharding, path)
+        layers = [self._one(path, i, shape[1:], dtype) for i in range(shape[0])]
+        q = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
+        return _place(dataclasses.replace(q, shape=tuple(shape), stack_axes=1), sharding, path)
+
+    def _one(self, path: str, layer: int | None, shape: tuple[int, ...], dtype: Any) -> QuantizedWeight:
+        """One layer's kernel (`shape` without the stack axis) as a QuantizedWeight."""
+        key = self.tensors.prefix + flax_to_hf(path, layer)[0]
+        parts = self.layouts.get(key)
         if parts:
             kind = stored_kind(key, parts)
             if self.quant not in (None, kind):
@@ -64,13 +76,11 @@ class QuantizingReader:
                                 f"it again (pass quant=None or {kind!r})")
             self.tensors.used.update([key, *parts.values()])
             name = None if dtype is None else np.dtype(dtype).name
-            q = read_bnb(key, parts, self.tensors.read_raw, tuple(reversed(shape)),
-                         name if name or kind != "int8" else self.int8_dtype)
-            return _place(q, sharding, path)
-        if self.quant and quantizable(path):
-            dense = self.tensors.read(path, shape, dtype, None)
-            return _place(quantize_jit(dense, kind=self.quant, transpose=True), sharding, path)
-        return self.tensors.read(path, shape, dtype, sharding)
+            return read_bnb(key, parts, self.tensors.read_raw, tuple(reversed(shape)),
+                            name if name or kind != "int8" else self.int8_dtype)
+        one_path = path if layer is None else unstack_path(path, layer)
+        dense = self.tensors.read(one_path, shape, dtype, None)
+        return quantize_jit(dense, kind=self.quant, transpose=True)
 
 
 def _place(q: QuantizedWeight, sharding: Any, path: str) -> QuantizedWeight:
