@@ -77,7 +77,8 @@ def test_plan_compiles_lora_and_full_for_a_fake_mesh():
 
 
 def test_gpu_bench_small_runs_end_to_end_on_cpu(tmp_path):
-    """`python -m benchmarks.gpu --small`: the prepared accelerator run's code path, on CPU."""
+    """`python -m benchmarks.gpu --small`: the prepared accelerator run's matrix in tiny shapes on
+    CPU -- both model roles, both sides, both batch searches (simulated limits) -- in one run."""
     import math
     import os
     import subprocess
@@ -88,13 +89,25 @@ def test_gpu_bench_small_runs_end_to_end_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--small", "--out", str(tmp_path)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "gpu_results.json").read_text())
-    assert res["jax"]["lm_loss"] == "chunked" and len(res["jax"]["times_s"]) == res["config"]["steps"]
-    assert math.isfinite(res["jax"]["loss"]) and res["jax"]["tokens_per_s"] > 0
+    runs = json.loads((tmp_path / "gpu_results.json").read_text())["runs"]
+    jax_runs = {(r["model"], r["policy"], r["scan"], r["batch"]): r for r in runs
+                if r["side"] == "jax" and "median_s" in r}
+    for r in jax_runs.values():
+        assert r["remat"] == r["policy"] and len(r["times_s"]) == r["steps"] and r["tokens_per_s"] > 0
+    none, dots = jax_runs[("1.1b", "none", True, 2)], jax_runs[("1.1b", "save_dots", True, 2)]
+    assert math.isfinite(none["loss"]) and abs(none["loss"] - dots["loss"]) < 1e-3  # memory, not math
+    assert any(k[0] == "1.1b" and not k[2] for k in jax_runs)  # the unrolled layout
+    search = next(r for r in runs if r["side"] == "jax" and r["model"] == "8b" and len(r["batches"]) > 1)
+    assert [(t["batch"], t["fits"]) for t in search["tried"]] == [(4, False), (2, True)]
     if _has("torch") and _has("peft"):
-        assert res["peft"]["adapter_params"] == res["jax"]["adapter_params"]  # the same LoRA on both sides
-        assert math.isfinite(res["peft"]["loss"])
-    assert "jax on cpu: step" in (tmp_path / "gpu_results.md").read_text()
+        peft = {(r["model"], r["gc"]): r for r in runs if r["side"] == "torch"}
+        assert peft[("1.1b", True)]["adapter_params"] == none["adapter_params"]  # the same LoRA
+        assert [t["fits"] for t in peft[("8b", True)]["tried"]] == [False, True]
+        assert peft[("8b", False)]["error"].startswith("does not fit")
+        assert jax_runs[("8b", "full", True, 1)]["vs_peft_best"] > 0  # timed again at PEFT's batch
+    md = (tmp_path / "gpu_results.md").read_text()
+    assert "| lora_jax, scan, remat=save_dots, attention=xla | 1.1b | 2 |" in md
+    assert "causal attention NOT halved" in md
 
 
 def _has(module: str) -> bool:
