@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # [float32|bfloat16] base weights (adapters stay float32)
     c.model.scan_layers = False  # [bool] one nn.scan over the layers: one compiled layer, stacked weights
     c.model.remat = "none"  # [none|full|save_dots|save_dots_except_mlp] backward recompute
+    c.model.quant = "none"  # [none|nf4|fp4|int8] frozen linear kernels stored as bitsandbytes does (QLoRA)
     c.model.attention = "auto"  # [auto|xla|cudnn] auto: cuDNN flash attention on NVIDIA GPUs, bf16; else XLA
 
     c.lora = ml_collections.ConfigDict()

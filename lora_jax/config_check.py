@@ -68,6 +68,10 @@ def check_together(c: Any) -> None:
         _fail("batch_size", c.batch_size, f"a multiple of grad_accum={c.grad_accum}")
     if c.steps > 0 and c.optimizer.warmup_steps >= c.steps:
         _fail("optimizer.warmup_steps", c.optimizer.warmup_steps, f"fewer than steps={c.steps}")
+    if c.model.quant != "none" and c.method != "lora":
+        _fail("model.quant", c.model.quant, "'none' with method='full': quantised weights are frozen")
+    if c.model.quant != "none" and c.task == "planted_rank":
+        _fail("model.quant", c.model.quant, "'none' for planted_rank (its model is not a checkpoint)")
     auto = [a for a in MESH_AXES if c.mesh[a] == -1]
     if len(auto) > 1:
         _fail(f"mesh.{auto[1]}", -1, f"a size: only one mesh axis may be -1 and mesh.{auto[0]} is")

@@ -13,6 +13,7 @@ from typing import Any
 
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths, nest
+from lora_jax.quant.weight import is_quantized
 
 PyTree = Any
 
@@ -21,10 +22,14 @@ def partition(params: PyTree, pattern: str) -> tuple[dict, PyTree]:
     """(weights whose path matches `pattern`, the rest); with no pattern, ({}, params) untouched."""
     if not pattern:
         return {}, params
-    flat = dict(flat_paths(params))
+    flat = dict(flat_paths(params, is_leaf=is_quantized))
     chosen = {p for p in flat if re.fullmatch(pattern, p)}
     if not chosen:
         raise LoraError(f"lora.train_also {pattern!r} matches no parameter")
+    frozen_q = sorted(p for p in chosen if is_quantized(flat[p]))
+    if frozen_q:
+        raise LoraError(f"lora.train_also {pattern!r} matches '{frozen_q[0]}', a quantised weight; "
+                        "quantised weights stay frozen (match only dense ones)")
     return (nest({p: flat[p] for p in chosen}), nest({p: w for p, w in flat.items() if p not in chosen}))
 
 
@@ -32,7 +37,7 @@ def combine(frozen: PyTree, extra: dict) -> PyTree:
     """The full params tree for the model's forward."""
     if not extra:
         return frozen
-    return nest({**dict(flat_paths(frozen)), **dict(flat_paths(extra))})
+    return nest({**dict(flat_paths(frozen, is_leaf=is_quantized)), **dict(flat_paths(extra))})
 
 
 def adapters_of(trainable: PyTree) -> PyTree:

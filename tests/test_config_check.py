@@ -50,6 +50,7 @@ BAD = [
     ("model.dtype", "float64", "code_search"), ("model.dtype", "fp8", "planted"),
     ("model.scan_layers", "no", "code_search"),
     ("model.remat", "dots", "code_search"),
+    ("model.quant", "int4", "code_search"),
     ("model.attention", "flash", "code_search"),
     ("lora.targets", "(", "code_search"), ("lora.targets", "", "code_search"),
     ("lora.rank", 0, "code_search"), ("lora.rank", 2.0, "code_search"),

@@ -17,7 +17,7 @@ from lora_jax.errors import LoraError
 from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.checkpoint import SafetensorsDir
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from lora_jax.models.quantized import QuantizingReader, check_quant
+from lora_jax.models.quantized import QuantizingReader, check_quant, quantize_kernels
 from lora_jax.paths import flat_paths, nest
 
 PyTree = Any
@@ -249,12 +249,17 @@ def load(
 def from_config(
     hf_config: dict[str, Any], *, seed: int = 0, dtype: Any = None, **overrides: Any
 ) -> LoadedModel:
-    """A randomly initialised model for an HF config dict (tests, from-scratch experiments)."""
+    """A randomly initialised model for an HF config dict (tests, from-scratch experiments);
+    `quant` quantises the linear kernels as `load` does."""
+    quant = overrides.pop("quant", None)
+    check_quant(quant, hf_config)
     family, module, config = build_module(hf_config, dtype or jnp.float32, **overrides)
     params = jax.jit(_initialisable(module).init)(jax.random.key(seed), jnp.zeros((1, 2), jnp.int32))
     if dtype is not None:
         params = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
         )
+    if quant:
+        params = quantize_kernels(params, quant)
     return LoadedModel(_apply_fn(module), params, config, None, family, "", module,
                        dict(hf_config))

@@ -18,11 +18,13 @@ import numpy as np
 from lora_jax.errors import LoraError
 from lora_jax.models.checkpoint import SafetensorsDir
 from lora_jax.models.hf_names import flax_to_hf, is_stacked, unstack_path
+from lora_jax.paths import flat_paths, nest
 from lora_jax.quant import KINDS, QuantizedWeight, quantize
 from lora_jax.quant.bnb_layout import layout_index, read_bnb, stored_kind
 
 # quantize, compiled once per kernel shape (and jitted as in the parity tests)
-quantize_jit = jax.jit(quantize, static_argnames=("kind", "blocksize", "double_quant", "transpose"))
+quantize_jit = jax.jit(quantize, static_argnames=("kind", "blocksize", "double_quant", "transpose",
+                                                 "stack_axes"))
 
 
 def quantizable(path: str) -> bool:
@@ -38,6 +40,16 @@ def check_quant(quant: Any, hf_config: dict[str, Any]) -> None:
     if method != "bitsandbytes":
         raise LoraError(f"config.json's quantization_config.quant_method is {method!r}; only "
                         "bitsandbytes-quantised checkpoints (or dense ones) can be read")
+
+
+def quantize_kernels(params: Any, quant: str) -> Any:
+    """The params tree with every `quantizable` kernel quantised (stacks layer by layer)."""
+    flat = {}
+    for path, x in flat_paths(params):
+        if quantizable(path):
+            x = quantize_jit(x, kind=quant, transpose=True, stack_axes=1 if is_stacked(path) else 0)
+        flat[path] = x
+    return nest(flat)
 
 
 class QuantizingReader:

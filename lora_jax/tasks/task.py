@@ -15,9 +15,11 @@ Batch = dict[str, np.ndarray]
 
 
 def model_options(config: Any) -> dict[str, Any]:
-    """The `model.*` fields that say how the model runs: layer layout, recompute, attention kernel."""
+    """The `model.*` fields that say how the model runs: layer layout, recompute, attention kernel,
+    quantised frozen weights."""
     m = config.model
-    return dict(scan_layers=m.scan_layers, remat=m.remat, attention=m.attention)
+    return dict(scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
+                quant=None if m.quant == "none" else m.quant)
 
 
 @dataclasses.dataclass
