@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths, nest, path_str
 from lora_jax.quant.tree import dequantize_params
+from lora_jax.quant.weight import is_quantized
 
 PyTree = Any
 
@@ -137,8 +138,9 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
 
 
 def count_params(tree: PyTree) -> int:
-    """Number of scalars in a tree of arrays (adapters or params)."""
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+    """Number of scalars in a tree of arrays (adapters or params); a quantised weight counts the
+    weights it stands for, not its codes."""
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized))
 
 
 def trainable_fraction(params: PyTree, adapters: PyTree) -> float:

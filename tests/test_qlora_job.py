@@ -1,6 +1,7 @@
 """The main job on a quantised frozen base (model.quant): QLoRA trains, saves only adapters, exports
 a PEFT adapter for the dense base; combinations that cannot work are one error, nothing written."""
 
+import json
 import os
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def _adapt(tmp, out, **fields):
 @pytest.mark.parametrize("kind,scan", [("nf4", True), ("int8", False)])
 def test_qlora_run_starts_at_the_quantised_base_and_saves_only_adapters(base, tmp_path, kind, scan):
     tmp, out, base_end = base
+    base_params = sum(v.size for v in load_file(os.path.join(out, "model.safetensors")).values())
     c = _adapt(tmp, out, **{"model.quant": kind, "model.scan_layers": scan})
     workdir = tmp_path / "run"
     res = train_and_evaluate(c, str(workdir))
@@ -43,6 +45,8 @@ def test_qlora_run_starts_at_the_quantised_base_and_saves_only_adapters(base, tm
     # the quantised base is the dense one up to rounding: close, but not the same numbers
     assert quantised != dense and abs(quantised - dense) < 0.05 * dense, (quantised, dense)
     assert res["step_traces"] == 1
+    setup = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["setup/base_params"] == base_params  # the weights a quantised kernel stands for
     saved = load_file(os.path.join(workdir, "peft", "adapter_model.safetensors"))
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)  # on the dense base's names
     assert not res["trainable"]["extra"]
