@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
-import os
 import re
 import tempfile
 import time
 
 from benchmarks import steps, torch_peft
-from benchmarks.common import MINILM, machine, versions
+from benchmarks.common import MINILM, machine, versions, write_results
 
 CATEGORIES = ("projection matmuls", "attention matmuls", "softmax", "layer norm", "gelu", "mask/select",
               "layout (copy, transpose)", "reductions", "optimizer", "elementwise/other")
@@ -189,13 +187,7 @@ def main() -> None:
     res = {"size": size, "machine": machine(), "versions": versions(), "ours": ours(size, model_dir, reps)}
     if torch_peft.available() is None:
         res["peft"] = peft(size, model_dir, reps)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "breakdown.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    text = markdown(res)
-    with open(os.path.join(args.out, "breakdown.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "breakdown", res, markdown(res))
 
 
 if __name__ == "__main__":

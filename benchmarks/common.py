@@ -7,6 +7,7 @@ step (`alternate`) and reported as medians; ratios are only ever taken within on
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -116,3 +117,13 @@ def compiled_costs(compiled: Any) -> dict:
 
 def ratio(a: float, b: float) -> float | None:
     return None if not b else a / b
+
+
+def write_results(out_dir: str, name: str, res: dict, text: str) -> None:
+    """out_dir/<name>.json and out_dir/<name>.md, and the markdown on stdout."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(text)
+    print(text)

@@ -11,11 +11,9 @@ say what each choice saves. The GPU counterpart is part of `python -m benchmarks
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 from benchmarks import steps
-from benchmarks.common import alternate, machine, versions
+from benchmarks.common import alternate, machine, versions, write_results
 from lora_jax.models.remat import POLICIES
 
 FULL = dict(minilm=dict(batch=32, query_len=64, code_len=128),
@@ -66,13 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     size = SMOKE if args.smoke else FULL
     res = {"size": size, "machine": machine(), "versions": versions(), "models": measure(size)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "remat.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    text = markdown(res)
-    with open(os.path.join(args.out, "remat.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_results(args.out, "remat", res, markdown(res))
 
 
 if __name__ == "__main__":
