@@ -243,7 +243,8 @@ def test_sft_with_scanned_remat_layers_starts_where_unrolled_does_and_learns(tmp
     evals = {}
     for scan in (False, True):
         c = _config(sft_config, llama_dir, files["sft_train"], files["sft_eval"], steps=20,
-                    **{"optimizer.lr": 1e-2, "model.scan_layers": scan, "model.remat": scan})
+                    **{"optimizer.lr": 1e-2, "model.scan_layers": scan,
+                       "model.remat": "full" if scan else "none"})
         res = train_and_evaluate(c, str(tmp_path / f"scan{scan}"))
         evals[scan] = [r["eval/loss"] for r in _rows(tmp_path / f"scan{scan}") if "eval/loss" in r]
         stack = {ad.stack for _, ad in adapter_items(res["trainable"]["adapters"])}

@@ -139,11 +139,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 
 
 def test_previous_handlers_are_back_after_the_run():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    with StopSignals() as stop:
-        assert signal.getsignal(signal.SIGTERM) != before[signal.SIGTERM]
-        signal.raise_signal(signal.SIGTERM)
-        assert stop.agreed(last=False) == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C while stopping aborts at once
-            signal.raise_signal(signal.SIGINT)
-    assert {s: signal.getsignal(s) for s in before} == before
+    def interrupt(signum, frame):  # the handler the user had (Python's default raises the same)
+        raise KeyboardInterrupt
+
+    outer = signal.signal(signal.SIGINT, interrupt)  # not whatever an earlier test left behind
+    try:
+        before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGTERM) != before[signal.SIGTERM]
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.agreed(last=False) == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C while stopping aborts at once
+                signal.raise_signal(signal.SIGINT)
+        assert {s: signal.getsignal(s) for s in before} == before
+    finally:
+        signal.signal(signal.SIGINT, outer)
