@@ -154,7 +154,9 @@ def adapter_shardings(adapters: PyTree, param_shardings: PyTree) -> PyTree:
     A takes the specs of W's stack and contracted axes, B those of W's stack and output axes;
     the rank axis is replicated. The result has the structure of `adapters`.
     """
-    by_path = dict(flat_paths(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)))
+    # a quantised weight's shardings come as a QuantizedWeight of its arrays' (all alike: replicated)
+    by_path = {p: jax.tree.leaves(s)[0] if is_quantized(s) else s for p, s in flat_paths(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding) or is_quantized(x))}
     out = {}
     for path, ad in adapter_items(adapters):
         if path not in by_path:

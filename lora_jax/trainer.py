@@ -27,7 +27,6 @@ from lora_jax.config_check import check_config
 from lora_jax.errors import LoraError
 from lora_jax.metrics import MetricWriter
 from lora_jax.preemption import StopSignals, TrainingStopped, stop_message
-from lora_jax.quant.weight import is_quantized
 from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 from lora_jax.trainable import partition
 
@@ -98,9 +97,7 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
                                  *task.inputs(example), spec=spec)
         extra, frozen = partition(task.params, config.lora.train_also)
         extra_sh, frozen_sh = partition(param_sh, config.lora.train_also)
-        weight_sh = jax.tree.map(lambda x: jax.tree.leaves(x)[0].sharding, task.params,
-                                 is_leaf=is_quantized)  # one sharding per weight, quantised or not
-        trainable_sh = {"adapters": lora_jax.adapter_shardings(adapters, weight_sh), "extra": extra_sh}
+        trainable_sh = {"adapters": lora_jax.adapter_shardings(adapters, param_sh), "extra": extra_sh}
         trainable = {"adapters": shd.place(adapters, trainable_sh["adapters"]), "extra": extra}
         lora_fp = config.lora.to_dict()
     else:
