@@ -14,6 +14,7 @@ import string
 import jax
 import jax.numpy as jnp
 
+from lora_jax import expert_rules
 from lora_jax.errors import LoraError
 from lora_jax.interpreter import HIGHER_ORDER, Context, Tracked, Use, bind, is_tracked
 from lora_jax.quant import consume
@@ -344,6 +345,7 @@ _RULES = {
     "conv_general_dilated": _conv,
     "gather": _gather,
     "dynamic_slice": _dynamic_slice,
+    expert_rules.PRIMITIVE: expert_rules.ragged_dot,  # MoE experts
 }
 
 
