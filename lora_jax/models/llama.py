@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a Flax linen module.
+"""Llama-family decoders (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text) as a Flax linen module.
 
 Module names mirror Hugging Face (model/layers_3/self_attn/q_proj, mlp/gate_proj, ...), so a
 PEFT or safetensors key maps to a params path by renaming alone. Every projection is a plain
@@ -8,112 +8,50 @@ nn.Dense with a 2-D [in, out] kernel used directly by dot_general; the tied head
 Passing a `cache` (from `init_cache`) switches to incremental decoding: new K/V are written into
 fixed-size per-layer buffers at `cache["index"]` and queries attend over every filled slot, so
 one compiled step serves a whole generation. Without a cache the forward is unchanged.
+
+Layers differ only by kind (0 full attention, 1 sliding window, each with its own RoPE table):
+the masks and tables of every kind are built once and each layer indexes its own, so a scanned
+stack of Gemma 3's alternating local/global layers is still one compiled layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.errors import LoraError
+from lora_jax.models.decoder_config import LlamaConfig
 from lora_jax.models.precision import grouped_attention
-from lora_jax.models.remat import policy_name, tag, wrap_layer
+from lora_jax.models.remat import tag, wrap_layer
 from lora_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
-
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ATTENTION_KERNELS = ("xla", "cudnn")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """The subset of an HF decoder config.json the forward needs; field names follow HF."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = dataclasses.field(default=None, hash=False)
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2, or Llama attention_bias
-    o_bias: bool = False  # Llama attention_bias
-    mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral
-    model_type: str = "llama"
-    scan_layers: bool = False
-    remat: str = "none"  # see lora_jax/models/remat.py
-    attention: str = "xla"  # "xla" (any backend) or "cudnn" (fused flash kernel, NVIDIA GPUs, bf16)
-
-    def __post_init__(self):
-        if self.attention not in ATTENTION_KERNELS:
-            raise LoraError(f"attention '{self.attention}' is not one of {ATTENTION_KERNELS}")
-        object.__setattr__(self, "remat", policy_name(self.remat))
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
-        """Read an HF config.json dict; refuse options the forward would silently ignore."""
-        model_type = hf.get("model_type", "llama")
-        if model_type not in LLAMA_MODEL_TYPES:
-            raise LoraError(f"model_type '{model_type}' is not a Llama-family decoder")
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise LoraError(f"hidden_act '{act}' is not supported for {model_type} (only silu)")
-        heads = hf["num_attention_heads"]
-        attention_bias = bool(hf.get("attention_bias", False))
-        window = hf.get("sliding_window") if model_type == "mistral" else None
-        if model_type == "qwen2" and hf.get("use_sliding_window", False):
-            raise LoraError("Qwen2 use_sliding_window=true is not supported")
-        rope_scaling = hf.get("rope_scaling")
-        rope_theta = hf.get("rope_theta")
-        params = hf.get("rope_parameters")  # transformers >= 5 folds theta and scaling here
-        if params:
-            rope_theta = params.get("rope_theta", rope_theta)
-            if params.get("rope_type", "default") != "default":
-                rope_scaling = params
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            sliding_window=window,
-            model_type=model_type,
-        )
-        fields.update(overrides)
-        return cls(**fields)
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale, computed in float32 and cast back (as HF does)."""
+    """x / rms(x) * scale over the last axis, in float32, as HF does: Llama casts back before
+    the gain; Gemma (`plus_one`) multiplies by (1 + w) in float32 and casts after."""
 
     eps: float
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
-        scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), jnp.float32)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale_D = self.param("scale", init, (x_BxTxD.shape[-1],), jnp.float32)
+        scale_D = scale_D.reshape((1,) * (x_BxTxD.ndim - 1) + scale_D.shape)  # any leading axes
         x32_BxTxD = x_BxTxD.astype(jnp.float32)
         ms_BxTx1 = jnp.mean(x32_BxTxD * x32_BxTxD, axis=-1, keepdims=True)
-        normed_BxTxD = (x32_BxTxD * jax.lax.rsqrt(ms_BxTx1 + self.eps)).astype(x_BxTxD.dtype)
-        return scale_D[None, None, :].astype(x_BxTxD.dtype) * normed_BxTxD
+        normed32_BxTxD = x32_BxTxD * jax.lax.rsqrt(ms_BxTx1 + self.eps)
+        if self.plus_one:
+            return (normed32_BxTxD * (1.0 + scale_D.astype(jnp.float32))).astype(x_BxTxD.dtype)
+        return scale_D.astype(x_BxTxD.dtype) * normed32_BxTxD.astype(x_BxTxD.dtype)
+
+
+def _norm(c: LlamaConfig, name: str) -> RMSNorm:
+    return RMSNorm(c.rms_norm_eps, c.norm_plus_one, name=name)
 
 
 def _dense(features: int, bias: bool, name: str) -> nn.Dense:
@@ -138,6 +76,9 @@ class Attention(nn.Module):
         q_BxTxHxK = tag(_dense(H * K, c.qkv_bias, "q_proj")(x_BxTxD), "query_proj").reshape(B, T, H, K)
         k_BxSxVxK = tag(_dense(KV * K, c.qkv_bias, "k_proj")(x_BxTxD), "key_proj").reshape(B, T, KV, K)
         v_BxSxVxK = tag(_dense(KV * K, c.qkv_bias, "v_proj")(x_BxTxD), "value_proj").reshape(B, T, KV, K)
+        if c.qk_norm:  # Qwen3 / Gemma 3: per-head norms before RoPE
+            q_BxTxHxK = _norm(c, "q_norm")(q_BxTxHxK)
+            k_BxSxVxK = _norm(c, "k_norm")(k_BxSxVxK)
         q_BxTxHxK = apply_rope(q_BxTxHxK, cos_BxTxK, sin_BxTxK)
         k_BxSxVxK = apply_rope(k_BxSxVxK, cos_BxTxK, sin_BxTxK)
         if kv is not None:
@@ -151,19 +92,21 @@ class Attention(nn.Module):
         # Logits and softmax in float32 on either kernel; `allowed` carries causality, padding and
         # the sliding window, so one boolean mask serves training and cached decoding alike.
         k_BxSxVxK, v_BxSxVxK = k_BxSxVxK.astype(q_BxTxHxK.dtype), v_BxSxVxK.astype(q_BxTxHxK.dtype)
+        scale = (c.query_pre_attn_scalar or K) ** -0.5
         if c.attention == "xla":
-            out_BxTxHxK = grouped_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK, allowed_BxTxS)
+            out_BxTxHxK = grouped_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK, allowed_BxTxS,
+                                            scale=scale, softcap=c.attn_logit_softcapping)
         else:
             out_BxTxHxK = jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxVxK, v_BxSxVxK,
                                                        mask=allowed_BxTxS[:, None, :, :],
-                                                       implementation="cudnn")
+                                                       scale=scale, implementation="cudnn")
         out_BxTxHK = tag(out_BxTxHxK.reshape(B, T, H * K), "attention_out")
         out_BxTxD = tag(_dense(c.hidden_size, c.o_bias, "o_proj")(out_BxTxHK), "out_proj")
         return out_BxTxD if kv is None else (out_BxTxD, (k_BxSxVxK, v_BxSxVxK))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or Gemma's GeGLU (tanh gelu)."""
 
     config: LlamaConfig
 
@@ -172,25 +115,42 @@ class MLP(nn.Module):
         c = self.config
         gate_BxTxF = _dense(c.intermediate_size, c.mlp_bias, "gate_proj")(x_BxTxD)
         up_BxTxF = _dense(c.intermediate_size, c.mlp_bias, "up_proj")(x_BxTxD)
-        return _dense(c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate_BxTxF) * up_BxTxF)
+        gelu = c.hidden_act == "gelu_pytorch_tanh"
+        act_BxTxF = nn.gelu(gate_BxTxF, approximate=True) if gelu else nn.silu(gate_BxTxF)
+        return _dense(c.hidden_size, c.mlp_bias, "down_proj")(act_BxTxF * up_BxTxF)
+
+
+def _pick(table_NxX: jnp.ndarray, kind: Any) -> jnp.ndarray:
+    """A layer's own mask or RoPE table from the stack of every kind's (one kind: no indexing)."""
+    if table_NxX.shape[0] == 1:
+        return table_NxX[0]
+    return jax.lax.dynamic_index_in_dim(table_NxX, kind, axis=0, keepdims=False)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Signature (carry, *broadcast) -> (carry, ys) so nn.scan can stack it;
-    ys is the layer's updated (K, V) cache when `kv` is given, else None."""
+    """Pre-norm block. Signature (carry, *broadcast, kind) -> (carry, ys) so nn.scan can stack
+    it; `kind` picks the layer's mask and RoPE table from the [N,...] stacks; ys is the layer's
+    updated (K, V) cache when `kv` is given, else None. Gemma's sandwich norms wrap the
+    attention and MLP outputs too (its post_attention_layernorm is on the attention output)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, h_BxTxD, allowed_BxTxS, cos_BxTxK, sin_BxTxK, kv=None, index=None):
+    def __call__(self, h_BxTxD, allowed_NxBxTxS, cos_NxBxTxK, sin_NxBxTxK, kind, kv=None,
+                 index=None):
         c = self.config
-        normed_BxTxD = RMSNorm(c.rms_norm_eps, name="input_layernorm")(h_BxTxD)
-        attn = Attention(c, name="self_attn")(normed_BxTxD, allowed_BxTxS, cos_BxTxK, sin_BxTxK,
-                                              kv, index)
+        tables = [_pick(t, kind) for t in (allowed_NxBxTxS, cos_NxBxTxK, sin_NxBxTxK)]
+        normed_BxTxD = _norm(c, "input_layernorm")(h_BxTxD)
+        attn = Attention(c, name="self_attn")(normed_BxTxD, *tables, kv, index)
         attn, new_kv = attn if kv is not None else (attn, None)
+        if c.sandwich_norms:
+            attn = _norm(c, "post_attention_layernorm")(attn)
         h_BxTxD = h_BxTxD + attn
-        normed_BxTxD = RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h_BxTxD)
-        return h_BxTxD + MLP(c, name="mlp")(normed_BxTxD), new_kv
+        pre_mlp = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
+        mlp_BxTxD = MLP(c, name="mlp")(_norm(c, pre_mlp)(h_BxTxD))
+        if c.sandwich_norms:
+            mlp_BxTxD = _norm(c, "post_feedforward_layernorm")(mlp_BxTxD)
+        return h_BxTxD + mlp_BxTxD, new_kv
 
 
 def attention_allowed(mask_BxT: jnp.ndarray, window: int | None) -> jnp.ndarray:
@@ -243,41 +203,54 @@ class LlamaModel(nn.Module):
         embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
                          embedding_init=nn.initializers.normal(0.02))
         h_BxTxD = embed(input_ids_BxT)
+        if c.embed_scale:  # Gemma: sqrt(D) rounded to the embedding's dtype first, as HF does
+            h_BxTxD = h_BxTxD * jnp.asarray(np.float32(c.hidden_size ** 0.5), h_BxTxD.dtype)
         B, T = input_ids_BxT.shape
         if positions_BxT is None:
             steps_T = jnp.arange(T) if cache is None else cache["index"] + jnp.arange(T)
             positions_BxT = jnp.broadcast_to(steps_T[None, :], (B, T))
-        inv_freq_F = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        cos_BxTxK, sin_BxTxK = rope_tables(positions_BxT, inv_freq_F)
         index = None
-        if cache is None:
-            allowed_BxTxS = attention_allowed(mask_BxT, c.sliding_window)
-        else:
+        if cache is not None:
             index = cache["index"]
             zero = jnp.zeros((), jnp.int32)
             cache_mask_BxS = jax.lax.dynamic_update_slice(
                 cache["mask"], mask_BxT.astype(jnp.int32), (zero, index))
-            allowed_BxTxS = cached_attention_allowed(cache_mask_BxS, index, T, c.sliding_window)
-        rope = (allowed_BxTxS, cos_BxTxK, sin_BxTxK)
+        kinds_L = c.layer_kinds()
+        present = sorted(set(kinds_L))  # the layer kinds this model has; tables for those only
+        per_kind = []
+        for kind in present:
+            theta, scaling = c.kind_rope(kind)
+            cos_BxTxK, sin_BxTxK = rope_tables(positions_BxT,
+                                               inverse_frequencies(c.head_dim, theta, scaling))
+            if cache is None:
+                allowed_BxTxS = attention_allowed(mask_BxT, c.kind_window(kind))
+            else:
+                allowed_BxTxS = cached_attention_allowed(cache_mask_BxS, index, T,
+                                                         c.kind_window(kind))
+            per_kind.append((allowed_BxTxS, cos_BxTxK, sin_BxTxK))
+        tables = [jnp.stack(parts) for parts in zip(*per_kind, strict=True)]
+        slots_L = [present.index(kind) for kind in kinds_L]
         layer_cls = wrap_layer(DecoderLayer, c.remat, c.scan_layers)
         if c.scan_layers:
-            in_axes = (nn.broadcast,) * 3 + ((0, nn.broadcast) if cache is not None else ())
+            in_axes = (nn.broadcast,) * 3 + (0,) + ((0, nn.broadcast) if cache is not None else ())
             stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=in_axes, length=c.num_hidden_layers)
             extra = () if cache is None else ((cache["k"], cache["v"]), index)
-            h_BxTxD, kv = stack(c, name="layers")(h_BxTxD, *rope, *extra)
+            h_BxTxD, kv = stack(c, name="layers")(h_BxTxD, *tables,
+                                                  jnp.asarray(slots_L, jnp.int32), *extra)
             new_k, new_v = kv if cache is not None else (None, None)
         else:
             ks, vs = [], []
             for i in range(c.num_hidden_layers):
                 layer = layer_cls(c, name=f"layers_{i}")
                 extra = () if cache is None else ((cache["k"][i], cache["v"][i]), index)
-                h_BxTxD, kv = layer(h_BxTxD, *rope, *extra)
+                own = [t[slots_L[i]:slots_L[i] + 1] for t in tables]  # one kind: no indexing
+                h_BxTxD, kv = layer(h_BxTxD, *own, 0, *extra)
                 if kv is not None:
                     ks.append(kv[0])
                     vs.append(kv[1])
             new_k, new_v = tuple(ks), tuple(vs)
-        h_BxTxD = RMSNorm(c.rms_norm_eps, name="norm")(h_BxTxD)
+        h_BxTxD = _norm(c, "norm")(h_BxTxD)
         if cache is None:
             return h_BxTxD, embed
         new_cache = {"k": new_k, "v": new_v, "mask": cache_mask_BxS, "index": index + T}
@@ -312,7 +285,15 @@ class LlamaForCausalLM(nn.Module):
             logits_BxTxV = embed.attend(h_BxTxD)
         else:
             logits_BxTxV = _dense(self.config.vocab_size, False, "lm_head")(h_BxTxD)
+        logits_BxTxV = softcap(logits_BxTxV, self.config.final_logit_softcapping)
         return logits_BxTxV if cache is None else (logits_BxTxV, out[2])
+
+
+def softcap(x: jnp.ndarray, cap: float | None) -> jnp.ndarray:
+    """cap * tanh(x / cap) (Gemma's logit soft-capping), in x's dtype; identity without a cap."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / jnp.asarray(cap, x.dtype)) * jnp.asarray(cap, x.dtype)
 
 
 def head_weight(config: LlamaConfig, params: Any) -> tuple[jax.Array, bool]:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax.errors import LoraError
-from lora_jax.models.llama import head_weight
+from lora_jax.models.llama import head_weight, softcap
 from lora_jax.models.precision import dot_f32_out
 
 CHUNK_POSITIONS = 128  # sequence positions per chunk; at 8x128 and vocab 128,256: 525 MB of fp32 logits
@@ -40,16 +40,18 @@ def head_logits(h_BxCxD: jax.Array, w: jax.Array, tied: bool) -> jax.Array:
     return dot_f32_out(h_BxCxD.astype(dtype), w.astype(dtype), dims)  # bf16 gradient matmuls too
 
 
-def _chunk_logp(w: jax.Array, h_BxCxD: jax.Array, targets_BxC: jax.Array, tied: bool) -> jax.Array:
-    logits_BxCxV = head_logits(h_BxCxD, w, tied)
+def _chunk_logp(w: jax.Array, h_BxCxD: jax.Array, targets_BxC: jax.Array, tied: bool,
+                cap: float | None) -> jax.Array:
+    logits_BxCxV = softcap(head_logits(h_BxCxD, w, tied), cap)
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     picked_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     return picked_BxC - lse_BxC
 
 
 def chunked_target_logp(h_BxTxD: jax.Array, w: jax.Array, tied: bool, targets_BxT: jax.Array,
-                        chunk: int = CHUNK_POSITIONS) -> jax.Array:
-    """log softmax(head(h))[target] per position, float32 [B,T], one chunk of positions at a time.
+                        chunk: int = CHUNK_POSITIONS, cap: float | None = None) -> jax.Array:
+    """log softmax(head(h))[target] per position, float32 [B,T], one chunk of positions at a time;
+    `cap` soft-caps the logits as the model's head does (Gemma's final_logit_softcapping).
 
     T need not be a multiple of `chunk`: the last T % chunk positions form one extra chunk.
     """
@@ -58,7 +60,7 @@ def chunked_target_logp(h_BxTxD: jax.Array, w: jax.Array, tied: bool, targets_Bx
     B, T, D = h_BxTxD.shape
     C = min(chunk, T)
     n, tail = divmod(T, C)
-    piece = jax.checkpoint(functools.partial(_chunk_logp, tied=tied))
+    piece = jax.checkpoint(functools.partial(_chunk_logp, tied=tied, cap=cap))
 
     def body(carry, xs):
         h_BxCxD, targets_BxC = xs
@@ -95,6 +97,7 @@ def next_token_fn(model: Any, chunk: int = CHUNK_POSITIONS) -> Callable:
             return -optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, target_ids_BxT)
         h_BxTxD = model.module.apply(params, input_ids_BxT, attention_mask_BxT, hidden_only=True)
         w, tied = head_weight(model.config, params)
-        return chunked_target_logp(h_BxTxD, w, tied, target_ids_BxT, chunk)
+        return chunked_target_logp(h_BxTxD, w, tied, target_ids_BxT, chunk,
+                                   getattr(model.config, "final_logit_softcapping", None))
 
     return fn

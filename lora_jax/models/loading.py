@@ -16,13 +16,15 @@ import jax.numpy as jnp
 from lora_jax.errors import LoraError
 from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.checkpoint import SafetensorsDir
+from lora_jax.models.decoder_config import LLAMA_MODEL_TYPES
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.quantized import QuantizingReader, check_quant, quantize_kernels
 from lora_jax.paths import flat_paths, nest
 
 PyTree = Any
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-_DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+             "Gemma3ForCausalLM")
 _ENCODER_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
 _HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "name" or "org/name", not a path
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.txt", "merges.txt", "*.model"]
@@ -51,7 +53,7 @@ def family_of(hf_config: dict[str, Any]) -> str:
     arch = archs[0] if archs else None
     if arch is None:
         model_type = hf_config.get("model_type")
-        if model_type in ("llama", "mistral", "qwen2"):
+        if model_type in LLAMA_MODEL_TYPES:
             return "llama"
         if model_type in ("bert", "roberta", "xlm-roberta"):
             return "bert"

@@ -42,16 +42,20 @@ dot_f32_out.defvjp(_forward, _backward)
 
 
 def grouped_attention(q_BxTxHxK: jax.Array, k_BxSxVxK: jax.Array, v_BxSxVxK: jax.Array,
-                      allowed_BxTxS: jax.Array) -> jax.Array:
+                      allowed_BxTxS: jax.Array, scale: float | None = None,
+                      softcap: float | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads (H/V queries per KV head, K/V never repeated),
     as XLA runs it: logits and softmax in float32, the value matmul in the activations' dtype.
     The same math as `jax.nn.dot_product_attention`'s XLA path, but via `dot_f32_out`, so the
-    backward's matmuls are bf16 too. A row with nothing allowed attends uniformly (as there)."""
+    backward's matmuls are bf16 too. A row with nothing allowed attends uniformly (as there).
+    `scale` defaults to 1/sqrt(K); `softcap` caps the scaled logits at ±cap by cap·tanh(x/cap)."""
     B, T, H, K = q_BxTxHxK.shape
     V = k_BxSxVxK.shape[2]
     q_BxTxVxGxK = q_BxTxHxK.reshape(B, T, V, H // V, K)
     logits_BxVxTxGxS = dot_f32_out(q_BxTxVxGxK, k_BxSxVxK, (((4,), (3,)), ((0, 2), (0, 2))))
-    logits_BxVxTxGxS = logits_BxVxTxGxS * jnp.float32(K ** -0.5)
+    logits_BxVxTxGxS = logits_BxVxTxGxS * jnp.float32(K ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        logits_BxVxTxGxS = jnp.tanh(logits_BxVxTxGxS / jnp.float32(softcap)) * jnp.float32(softcap)
     mask_Bx1xTx1xS = allowed_BxTxS[:, None, :, None, :]
     fill = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
     probs_BxVxTxGxS = jax.nn.softmax(jnp.where(mask_Bx1xTx1xS, logits_BxVxTxGxS, fill), axis=-1)
