@@ -24,9 +24,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lora_jax import peft_experts
 from lora_jax.adapters import Adapter, adapter_items
 from lora_jax.errors import LoraError
 from lora_jax.models.hf_names import flax_to_hf, hf_to_flax, is_stacked, stack_path
+from lora_jax.models.moe import is_moe
 from lora_jax.paths import flat_paths, nest
 from lora_jax.quant.weight import is_quantized
 
@@ -57,10 +59,11 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
     With `rslora`, the config says use_rslora and lora_alpha = scale·√r; otherwise scale·r.
     Modules whose rank or alpha differ from the most common go to rank_pattern / alpha_pattern.
     """
+    adapters, experts = peft_experts.split(adapters)  # MoE expert weights: target_parameters
     mods = _modules(adapters)
-    if not mods:
+    if not mods and not experts:
         raise LoraError("no adapters to save")
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas = peft_experts.save_tensors(experts, rslora)
     for name, a, b, scale, embedding in mods:
         r = a.shape[-1]
         ranks[name], alphas[name] = r, scale * (math.sqrt(r) if rslora else r)
@@ -79,6 +82,7 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
         "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
         "init_lora_weights": True,
     }
+    peft_experts.place_targets(config, is_moe(model.config))
     bad_ranks = sorted({v for v in ranks.values() if v not in VLLM_RANKS})
     if bad_ranks:
         warnings.warn(f"vLLM cannot serve ranks {bad_ranks}; it accepts {VLLM_RANKS}", stacklevel=2)
@@ -146,6 +150,7 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
 def load_adapter(directory: str, model: Any) -> Any:
     """Adapters for `model` from a PEFT directory; shapes are checked against the model's params."""
     config, tensors = _read(directory)
+    experts = peft_experts.take(tensors, config, model, directory)
     pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
         match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|"
@@ -182,4 +187,4 @@ def load_adapter(directory: str, model: Any) -> Any:
                 raise LoraError(f"{directory}: '{target}' needs one adapter of one scale per layer")
             out[target] = Adapter(jnp.asarray(np.stack([t[1] for t in items])),
                                   jnp.asarray(np.stack([t[2] for t in items])), items[0][3], (0,), (1,), (2,))
-    return nest(out)
+    return nest({**out, **experts})

@@ -25,6 +25,7 @@ import numpy as np
 
 from lora_jax.errors import LoraError
 from lora_jax.models.decoder_config import LlamaConfig
+from lora_jax.models.moe import MoeBlock, is_moe
 from lora_jax.models.precision import grouped_attention
 from lora_jax.models.remat import tag, wrap_layer
 from lora_jax.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -147,7 +148,8 @@ class DecoderLayer(nn.Module):
             attn = _norm(c, "post_attention_layernorm")(attn)
         h_BxTxD = h_BxTxD + attn
         pre_mlp = "pre_feedforward_layernorm" if c.sandwich_norms else "post_attention_layernorm"
-        mlp_BxTxD = MLP(c, name="mlp")(_norm(c, pre_mlp)(h_BxTxD))
+        mlp_cls = MoeBlock if is_moe(c) else MLP  # Qwen3-MoE / Mixtral: routed experts
+        mlp_BxTxD = mlp_cls(c, name="mlp")(_norm(c, pre_mlp)(h_BxTxD))
         if c.sandwich_norms:
             mlp_BxTxD = _norm(c, "post_feedforward_layernorm")(mlp_BxTxD)
         return h_BxTxD + mlp_BxTxD, new_kv

@@ -18,6 +18,8 @@ from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.checkpoint import SafetensorsDir
 from lora_jax.models.decoder_config import LLAMA_MODEL_TYPES
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.models.moe import MOE_ARCHITECTURES, MOE_MODEL_TYPES, MoeConfig
+from lora_jax.models.moe_checkpoint import read_param
 from lora_jax.models.quantized import QuantizingReader, check_quant, quantize_kernels
 from lora_jax.paths import flat_paths, nest
 
@@ -25,6 +27,7 @@ PyTree = Any
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
              "Gemma3ForCausalLM")
+_DECODERS += MOE_ARCHITECTURES  # Qwen3-MoE, Mixtral (lora_jax/models/moe.py)
 _ENCODER_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
 _HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "name" or "org/name", not a path
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.txt", "merges.txt", "*.model"]
@@ -53,7 +56,7 @@ def family_of(hf_config: dict[str, Any]) -> str:
     arch = archs[0] if archs else None
     if arch is None:
         model_type = hf_config.get("model_type")
-        if model_type in LLAMA_MODEL_TYPES:
+        if model_type in LLAMA_MODEL_TYPES + MOE_MODEL_TYPES:
             return "llama"
         if model_type in ("bert", "roberta", "xlm-roberta"):
             return "bert"
@@ -113,7 +116,8 @@ def build_module(
     family = family_of(hf_config)
     attention = pick_attention(overrides.pop("attention", "auto"), family, dtype)
     if family == "llama":
-        config = LlamaConfig.from_hf(hf_config, attention=attention, **overrides)
+        config_cls = MoeConfig if hf_config.get("model_type") in MOE_MODEL_TYPES else LlamaConfig
+        config = config_cls.from_hf(hf_config, attention=attention, **overrides)
         return family, LlamaForCausalLM(config), config
     config = BertConfig.from_hf(hf_config, **overrides)
     return family, BertModel(config), config
@@ -235,7 +239,8 @@ def load(
     sharding_of = _sharding_for(shardings)
     reader = QuantizingReader(tensors, quant, checkpoint_dtype(hf_config) or "float32")
     flat = {
-        path: reader.read(path, tuple(s.shape), dtype, sharding_of(path, tuple(s.shape)))
+        path: read_param(reader, config.model_type, path, tuple(s.shape), dtype,
+                         sharding_of(path, tuple(s.shape)))
         for path, s in flat_paths(shapes)
     }
     tensors.check_all_used(_ignorable(family, tensors.prefix))
