@@ -108,12 +108,15 @@ class SelfAttention(nn.Module):
         q_BxTxHxK = tag(_dense(D, "query")(x_BxTxD), "query_proj").reshape(B, T, H, K)
         k_BxSxHxK = tag(_dense(D, "key")(x_BxTxD), "key_proj").reshape(B, T, H, K)
         v_BxSxHxK = tag(_dense(D, "value")(x_BxTxD), "value_proj").reshape(B, T, H, K)
-        scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
-        scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(K))
-        keep_Bx1x1xS = (mask_BxT > 0)[:, None, None, :]
-        scores_BxHxTxS = jnp.where(keep_Bx1x1xS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+        # Head-major operands, the scale on q (not on the T×S scores) and an additive mask:
+        # XLA:CPU then runs plain batched matmuls with no select in the backward pass.
+        q_BxHxTxK = (q_BxTxHxK * jnp.asarray(K**-0.5, q_BxTxHxK.dtype)).transpose(0, 2, 1, 3)
+        k_BxHxKxS = k_BxSxHxK.transpose(0, 2, 3, 1)
+        v_BxHxSxK = v_BxSxHxK.transpose(0, 2, 1, 3)
+        bias_Bx1x1xS = jnp.where(mask_BxT > 0, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        scores_BxHxTxS = jnp.matmul(q_BxHxTxK, k_BxHxKxS).astype(jnp.float32) + bias_Bx1x1xS
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
-        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+        out_BxTxHxK = jnp.matmul(probs_BxHxTxS, v_BxHxSxK).transpose(0, 2, 1, 3)
         return tag(out_BxTxHxK.reshape(B, T, D), "attention_out")
 
 
