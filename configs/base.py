@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.rank = 16  # [int >= 1] r
     c.lora.alpha = 32.0  # [float > 0] α: the branch is scaled by α/r (or α/√r)
     c.lora.scaling = "standard"  # [standard|rslora] α/r or α/√r
-    c.lora.init = "kaiming"  # [kaiming|gaussian] A's init (B starts at 0 either way)
+    c.lora.init = "kaiming"  # [lora init] kaiming|gaussian (B = 0), pissa|pissa_niter_K|olora (A, B from W)
     c.lora.dropout = 0.0  # [0 <= float < 1] dropout on the LoRA branch's input while training
     c.lora.train_also = ""  # [regex or ""] base weights trained in full beside the adapters (e.g. a new head)
 

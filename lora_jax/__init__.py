@@ -19,6 +19,8 @@ from lora_jax.multi import stack_adapters as stack_adapters
 from lora_jax.spec import LoraSpec as LoraSpec
 from lora_jax.transform import apply as apply
 from lora_jax.transform import init as init
+from lora_jax.variants.convert import to_plain_lora as to_plain_lora
+from lora_jax.variants.pissa import residual_base as residual_base
 
 __all__ = [
     "Adapter",
@@ -30,7 +32,9 @@ __all__ = [
     "describe",
     "init",
     "merge",
+    "residual_base",
     "stack_adapters",
+    "to_plain_lora",
     "trainable_fraction",
     "unmerge",
 ]

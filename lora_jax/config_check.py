@@ -18,6 +18,7 @@ from typing import Any
 
 from lora_jax.config_rules import BASE_CONFIG, declared_fields
 from lora_jax.errors import LoraError
+from lora_jax.spec import changes_base
 
 MODEL_PATH_UNUSED = ("planted_rank",)  # tasks that make their model from their own fields
 SCRATCH_WHEN_EMPTY = ("causal_lm",)  # model.path "": a from-scratch model; else an exported base
@@ -70,6 +71,12 @@ def check_together(c: Any) -> None:
         _fail("optimizer.warmup_steps", c.optimizer.warmup_steps, f"fewer than steps={c.steps}")
     if c.model.quant != "none" and c.method != "lora":
         _fail("model.quant", c.model.quant, "'none' with method='full': quantised weights are frozen")
+    if changes_base(c.lora.init) and c.method != "lora":
+        _fail("lora.init", c.lora.init, "'kaiming' or 'gaussian' with method='full' (PiSSA/OLoRA "
+              "initialise LoRA factors, and full fine-tuning has none)")
+    if changes_base(c.lora.init) and c.model.quant != "none":
+        _fail("lora.init", c.lora.init, f"'kaiming' or 'gaussian' with model.quant={c.model.quant!r}: "
+              "PiSSA/OLoRA subtract A₀B₀ from W and a quantised W is frozen codes (start dense)")
     if c.model.quant != "none" and c.task == "planted_rank":
         _fail("model.quant", c.model.quant, "'none' for planted_rank (its model is not a checkpoint)")
     auto = [a for a in MESH_AXES if c.mesh[a] == -1]

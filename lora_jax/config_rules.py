@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import LoraError
+from lora_jax.spec import known_init
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.py"
 _TYPED = re.compile(r"(?:(-?[\d.]+)\s*(<=|<)\s*)?(int|float|bool|str)(?:\s*(<=|<|>=|>)\s*(-?[\d.]+))?")
@@ -86,6 +87,7 @@ def _is_dir_path(v: Any) -> bool:
 # name: (test of the value alone, what it allows: text, or a function making it)
 KINDS: dict[str, tuple[Callable[[Any], bool], str | Callable[[], str]]] = {
     "regex": (_is_regex, "a valid, non-empty regular expression"),
+    "lora init": (known_init, "one of 'kaiming', 'gaussian', 'pissa', 'pissa_niter_K' (K >= 0), 'olora'"),
     "task": (_is_task, lambda: "a task in lora_jax/tasks: " + ", ".join(repr(t) for t in task_names())),
     "corpus": (_is_corpus, "stdlib, pydoc_topics or an installed package's name"),
     "labels": (_is_labels, "distinct, non-empty comma-separated labels"),

@@ -32,6 +32,8 @@ from lora_jax import sharding as shd
 from lora_jax.adapter_io import load_adapter, load_tree
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths
+from lora_jax.spec import changes_base
+from lora_jax.variants.job import exported
 
 FORMS = ("peft", "merged")
 PEFT_DIR = "peft"  # the main job's PEFT copy, beside adapter/
@@ -119,8 +121,8 @@ def _abstract_trainable(config: Any, task: Any) -> Any:
     if config.method == "full":
         return task.params
     example = next(task.batches(0))
-    adapters = lora_jax.init(jax.random.key(0), task.fn, task.params, *task.inputs(example),
-                             spec=lora_spec(config.lora))
+    spec = dataclasses.replace(lora_spec(config.lora), init="kaiming")  # shapes only: no SVD/QR
+    adapters = lora_jax.init(jax.random.key(0), task.fn, task.params, *task.inputs(example), spec=spec)
     extra, _ = partition(task.params, config.lora.train_also)
     return {"adapters": adapters, "extra": extra}
 
@@ -133,6 +135,8 @@ def _from_checkpoint(workdir: str, config: Any, task: Any, trainable: Any, shard
     tx, _ = make_optimizer(config.optimizer, steps)
     tree = {"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable),
             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if config.method == "lora" and changes_base(config.lora.init):  # PiSSA/OLoRA keep A₀, B₀
+        tree["initial"] = trainable["adapters"]
     abstract = _placed(tree, sharding)
     fp = fingerprint(task.params, task.source, config.method,
                      config.lora.to_dict() if config.method == "lora" else None)
@@ -144,7 +148,7 @@ def _from_checkpoint(workdir: str, config: Any, task: Any, trainable: Any, shard
     if restored is None:
         raise LoraError(f"run {workdir} has no usable checkpoint in {ckpts.directory}")
     state, meta = restored
-    return state["trainable"], int(meta["step"])
+    return exported(state["trainable"], state.get("initial")), int(meta["step"])
 
 
 def read_run(workdir: str, to: str) -> TrainedRun:

@@ -14,7 +14,24 @@ import jax.numpy as jnp
 from lora_jax.errors import LoraError
 
 _SCALINGS = ("standard", "rslora")
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def pissa_niter(init: str) -> int | None:
+    """K of "pissa_niter_K" (randomised SVD with K subspace iterations); None for other inits."""
+    match = _NITER.fullmatch(init)
+    return None if match is None else int(match.group(1))
+
+
+def changes_base(init: str) -> bool:
+    """Whether `init` starts from W's own structure (PiSSA, OLoRA), so the adapters belong on the
+    residual base W − s·A₀·B₀ (lora_jax.variants.pissa) rather than on W."""
+    return init in ("pissa", "olora") or pissa_niter(init) is not None
+
+
+def known_init(init: object) -> bool:
+    return isinstance(init, str) and (init in ("kaiming", "gaussian") or changes_base(init))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +41,10 @@ class LoraSpec:
     targets: regex (or list of regexes) matched with re.fullmatch against "/"-joined param paths.
     rank, alpha: default rank r and loudness α; the branch is scaled by α/r ("standard") or
       α/√r ("rslora", which keeps the update's size stable as r grows).
-    init: A is "kaiming"-uniform (PEFT's default) or "gaussian" N(0, 1/r); B always starts at 0,
-      so the adapted model equals the base at init.
+    init: A is "kaiming"-uniform (PEFT's default) or "gaussian" N(0, 1/r) and B starts at 0, so
+      the adapted model equals the base at init. "pissa" (top-r SVD of W), "pissa_niter_K"
+      (randomised SVD, K subspace iterations) and "olora" (QR of W) take A, B from W itself and
+      need the residual base `lora_jax.residual_base(params, adapters)` (lora_jax/variants/pissa.py).
     dropout: dropout rate on the LoRA branch's input (only with an rng and deterministic=False).
     dtype: dtype of A and B.
     rank_pattern / alpha_pattern: {path regex: rank or alpha} overrides; the first match wins.
@@ -62,7 +81,7 @@ class LoraSpec:
             _check_alpha(a, f"alpha_pattern[{pattern!r}]")
         if self.scaling not in _SCALINGS:
             raise LoraError(f"scaling={self.scaling!r}; expected one of {_SCALINGS}")
-        if self.init not in _INITS:
+        if not known_init(self.init):
             raise LoraError(f"init={self.init!r}; expected one of {_INITS}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"dropout={self.dropout}; expected 0 <= dropout < 1")

@@ -29,6 +29,7 @@ from lora_jax.metrics import MetricWriter
 from lora_jax.preemption import StopSignals, TrainingStopped, stop_message
 from lora_jax.train_step import TrainState, make_optimizer, make_train_step, model_apply
 from lora_jax.trainable import partition
+from lora_jax.variants.job import base_for, exported, initial_factors, kept
 
 # Fields a resumed run may change: how long it goes on and how often it reports.
 RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "ckpt_every", "keep_checkpoints")
@@ -95,13 +96,15 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
         spec = lora_spec(config.lora)
         adapters = lora_jax.init(jax.random.fold_in(jax.random.key(config.seed), 1), task.fn, task.params,
                                  *task.inputs(example), spec=spec)
-        extra, frozen = partition(task.params, config.lora.train_also)
+        initial = initial_factors(config.lora, adapters, param_sh)  # PiSSA/OLoRA's A₀, B₀; else None
+        extra, frozen = partition(base_for(task.params, initial, param_sh), config.lora.train_also)
         extra_sh, frozen_sh = partition(param_sh, config.lora.train_also)
         trainable_sh = {"adapters": lora_jax.adapter_shardings(adapters, param_sh), "extra": extra_sh}
         trainable = {"adapters": shd.place(adapters, trainable_sh["adapters"]), "extra": extra}
         lora_fp = config.lora.to_dict()
     else:
         trainable, trainable_sh, frozen, frozen_sh, lora_fp = task.params, param_sh, {}, {}, None
+        initial = None
     n_train, n_base = lora_jax.count_params(trainable), lora_jax.count_params(task.params)
     # ---- Optimizer state lives only on the trainable tree, sharded like it.
     tx, schedule = make_optimizer(config.optimizer, steps)
@@ -140,12 +143,17 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
             task.save_cache(workdir)
     fp = fingerprint(task.params, task.source, config.method, lora_fp)
     ckpts = RunCheckpoints(os.path.join(workdir, "ckpt"), config.keep_checkpoints, fp)
-    saved_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl}
-    saved = {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
+    saved_sh = {"trainable": trainable_sh, "opt_state": opt_sh, "step": repl,
+                **kept(None if initial is None else trainable_sh["adapters"])}
+    saved = {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step, **kept(initial)}
     restored = ckpts.restore(_abstract(saved, saved_sh)) if config.resume else None
     position = 0
     if restored is not None:
         tree, meta = restored
+        if initial is not None:  # PiSSA/OLoRA: the residual from the checkpoint's own A₀, B₀
+            initial = tree.pop("initial")
+            state = state.replace(frozen=partition(base_for(task.params, initial, param_sh),
+                                                   config.lora.train_also)[1])
         state = state.replace(**tree)
         position = meta["data_position"]
     start = int(shd.to_host(state.step))
@@ -162,7 +170,7 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
                    f"{'resuming at step ' + str(start) if start else 'from scratch'}")
 
     def evaluate(step: int) -> dict:
-        host_trainable = jax.tree.map(shd.to_host, state.trainable)
+        host_trainable = jax.tree.map(shd.to_host, exported(state.trainable, initial))
         res = task.evaluate(lambda *inputs: forward(state.trainable, state.frozen, *inputs), host_trainable)
         row = {f"eval/{k}": float(v) for k, v in res.items()}
         writer.write(step, row)
@@ -177,7 +185,8 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
     t0, done_since = time.perf_counter(), start
 
     def saved_tree() -> dict:
-        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step}
+        return {"trainable": state.trainable, "opt_state": state.opt_state, "step": state.step,
+                **kept(initial)}
 
     for step in range(start, steps):
         batch = next(batches)
@@ -218,16 +227,17 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
             "lora": lora_fp, "trainable_params": n_train, "base_params": n_base, "steps": steps,
             "eval": last_eval}
     out_dir = os.path.join(workdir, "adapter" if config.method == "lora" else "finetuned")
+    final = exported(state.trainable, initial)  # PiSSA/OLoRA: the rank-2r LoRA on the original base
     if config.method == "lora":
-        save_adapter(out_dir, state.trainable["adapters"], info)
-        if state.trainable["extra"]:
-            save_tree(os.path.join(out_dir, "extra"), state.trainable["extra"])
+        save_adapter(out_dir, final["adapters"], info)
+        if final["extra"]:
+            save_tree(os.path.join(out_dir, "extra"), final["extra"])
     else:
         save_tree(out_dir, state.trainable)
     # Beside it, for HF-model tasks, the same adapter in PEFT's format (<workdir>/peft).
     from lora_jax.run_export import write_run_peft
 
-    peft_note = write_run_peft(workdir, config, task, state.trainable)
+    peft_note = write_run_peft(workdir, config, task, final)
     if peft_note:
         writer.message(peft_note)
     if jax.process_index() == 0:
@@ -235,7 +245,7 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
             json.dump(info, f, indent=1)
     writer.close()
     return {"steps": steps, "start_step": start, "eval": last_eval, "step_traces": len(traces),
-            "trainable": state.trainable, "workdir": workdir}
+            "trainable": final, "workdir": workdir}
 
 
 def _make_forward(apply_fn, mesh):

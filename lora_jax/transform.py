@@ -26,7 +26,8 @@ from lora_jax.paths import array_paths, flat_paths, nest
 from lora_jax.quant.frozen import frozen, is_frozen, standins
 from lora_jax.quant.weight import is_quantized
 from lora_jax.rules import unfactorable_message
-from lora_jax.spec import LoraSpec
+from lora_jax.spec import LoraSpec, changes_base
+from lora_jax.variants.pissa import principal_factors
 
 PyTree = Any
 
@@ -172,21 +173,30 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
     """Adapters for every weight of `params` that `spec.targets` selects.
 
     `fn(params, *example_args)` is traced once; each targeted weight gets A [*stack, *inputs, r]
-    and B [*stack, r, *outputs] from how it is actually contracted. A starts random, B at zero.
+    and B [*stack, r, *outputs] from how it is actually contracted. A starts random, B at zero,
+    except under spec.init "pissa"/"pissa_niter_K"/"olora": then A, B are W's principal factors
+    and belong on `lora_jax.residual_base(params, adapters)` (lora_jax/variants/pissa.py).
     """
     planned = plan(fn, params, example_args, spec, allow_materialize)
     for pl in planned:
         if pl.refusal is not None:
             raise LoraError(pl.refusal)
     out = {}
+    from_w = changes_base(spec.init)
+    weights = dict(flat_paths(params, is_leaf=is_quantized)) if from_w else {}
     for i, pl in enumerate(planned):
         k = jax.random.fold_in(key, i)
-        if spec.init == "kaiming":  # PEFT's kaiming_uniform(a=√5): U(±1/√fan_in)
+        if from_w:  # PiSSA/OLoRA: A, B from W itself (pair with lora_jax.residual_base)
+            lay = pl.layout
+            a, b = principal_factors(k, weights[pl.path], pl.path, (lay.stack, lay.inputs, lay.outputs),
+                                     pl.rank, spec.scale_for(pl.path), spec.init, spec.dtype)
+        elif spec.init == "kaiming":  # PEFT's kaiming_uniform(a=√5): U(±1/√fan_in)
             bound = 1.0 / math.sqrt(math.prod(pl.shape[j] for j in pl.layout.inputs))
             a = jax.random.uniform(k, pl.a_shape, spec.dtype, -bound, bound)
         else:
             a = jax.random.normal(k, pl.a_shape, spec.dtype) / pl.rank
-        b = jnp.zeros(pl.b_shape, spec.dtype)
+        if not from_w:
+            b = jnp.zeros(pl.b_shape, spec.dtype)
         lay = pl.layout
         out[pl.path] = Adapter(a, b, spec.scale_for(pl.path), lay.stack, lay.inputs, lay.outputs,
                                spec.dropout)
