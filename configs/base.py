@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # [none|full|save_dots|save_dots_except_mlp] backward recompute
     c.model.quant = "none"  # [none|nf4|fp4|int8] frozen linear kernels stored as bitsandbytes does (QLoRA)
     c.model.attention = "auto"  # [auto|xla|cudnn] auto: cuDNN flash attention on NVIDIA GPUs, bf16; else XLA
+    c.model.dropout = False  # [bool] the checkpoint's own dropout while training (BERT family, as HF trains)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = r".*/(query|value)/kernel"  # [regex] over "/"-joined param paths

@@ -31,14 +31,20 @@ class TrainState:
     rng: jax.Array
 
 
-def model_apply(method: str, fn: Callable) -> Callable:
-    """(trainable, frozen, *inputs, rng) -> outputs, for either method."""
-    if method == "full":
-        return lambda trainable, frozen, *inputs, rng=None: fn(trainable, *inputs)
-    return lambda trainable, frozen, *inputs, rng=None: lora_jax.apply(
-        fn, combine(frozen, trainable["extra"]), trainable["adapters"], *inputs, rng=rng,
-        deterministic=rng is None,
-    )
+def model_apply(method: str, fn: Callable, dropout_fn: Callable | None = None) -> Callable:
+    """(trainable, frozen, *inputs, rng) -> outputs, for either method. With `dropout_fn`
+    (fn(params, key, *inputs)) and an rng, the model's own dropout runs too (training only)."""
+
+    def run(trainable, frozen, *inputs, rng=None):
+        model, lead = fn, ()
+        if dropout_fn is not None and rng is not None:
+            model, lead = dropout_fn, (jax.random.fold_in(rng, 1),)
+        if method == "full":
+            return model(trainable, *lead, *inputs)
+        return lora_jax.apply(model, combine(frozen, trainable["extra"]), trainable["adapters"],
+                              *lead, *inputs, rng=rng, deterministic=rng is None)
+
+    return run
 
 
 def _labels(trainable: PyTree) -> PyTree:

@@ -117,7 +117,10 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
     state_sh = TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=repl)
     batch_sh = {k: shd.batch_sharding(mesh) for k in example}
     # ---- The step: jitted once, explicit shardings, the state donated.
-    apply_fn = model_apply(config.method, task.fn)
+    if config.model.dropout and task.dropout_fn is None:
+        raise LoraError(f"model.dropout=True, but task '{config.task}' has no model with its own dropout "
+                        "(offered for BERT-family encoders in code_search)")
+    apply_fn = model_apply(config.method, task.fn, task.dropout_fn)
     traces = []
 
     def traced_step(state, batch):
@@ -125,7 +128,8 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
         return step_fn(state, batch)
 
     step_fn = make_train_step(apply_fn, task.loss, tx, schedule, config.grad_accum,
-                              use_rng=config.method == "lora" and config.lora.dropout > 0)
+                              use_rng=config.model.dropout
+                              or (config.method == "lora" and config.lora.dropout > 0))
     train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, repl), donate_argnums=0)
     forward = _make_forward(apply_fn, mesh)

@@ -120,6 +120,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, eigh
         (["--config.batch_size=60"], r"^error: microbatch of 60 examples is not divisible by the 8 batch"),
         (["--config.lora.targets=layers_.*/kernal"], r"^error: target .* matches no parameter; closest"),
         (["--config.method=half"], r"^error: method='half'; expected one of"),
+        (["--config.model.dropout=True"], r"^error: model\.dropout=True, but task 'planted_rank' has no"),
         (["--config=configs/r16.py", "--config.model.path=/no/such/model"], r"^error: .*/no/such/model"),
     ],
 )

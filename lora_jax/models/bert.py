@@ -39,6 +39,10 @@ class BertConfig:
     add_pooler: bool = False
     scan_layers: bool = False
     remat: str = "none"  # see lora_jax/models/remat.py
+    # The checkpoint's dropout rates; applied only when the forward gets a "dropout" rng
+    # (`LoadedModel.dropout_fn`, the main job's model.dropout), never in evaluation.
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "remat", policy_name(self.remat))
@@ -74,6 +78,13 @@ def _layer_norm(c: BertConfig) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")
 
 
+def _dropout(module: nn.Module, x: jnp.ndarray, rate: float) -> jnp.ndarray:
+    """HF's dropout sites, active only while training with a "dropout" rng."""
+    if rate == 0.0 or not module.has_rng("dropout"):
+        return x
+    return nn.Dropout(rate, deterministic=False)(x)
+
+
 def position_ids(input_ids_BxT: jnp.ndarray, c: BertConfig) -> jnp.ndarray:
     """BERT counts 0..T-1; RoBERTa counts real tokens from padding_idx+1, pads get padding_idx."""
     B, T = input_ids_BxT.shape
@@ -93,7 +104,7 @@ class Embeddings(nn.Module):
         pos = _embed(c.max_position_embeddings, c.hidden_size, "position_embeddings")
         types = _embed(c.type_vocab_size, c.hidden_size, "token_type_embeddings")
         h_BxTxD = words_BxTxD + pos(position_ids(input_ids_BxT, c)) + types(token_type_ids_BxT)
-        return _layer_norm(c)(h_BxTxD)
+        return _dropout(self, _layer_norm(c)(h_BxTxD), c.hidden_dropout_prob)
 
 
 class SelfAttention(nn.Module):
@@ -116,6 +127,7 @@ class SelfAttention(nn.Module):
         bias_Bx1x1xS = jnp.where(mask_BxT > 0, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
         scores_BxHxTxS = jnp.matmul(q_BxHxTxK, k_BxHxKxS).astype(jnp.float32) + bias_Bx1x1xS
         probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
+        probs_BxHxTxS = _dropout(self, probs_BxHxTxS, c.attention_probs_dropout_prob)
         out_BxTxHxK = jnp.matmul(probs_BxHxTxS, v_BxHxSxK).transpose(0, 2, 1, 3)
         return tag(out_BxTxHxK.reshape(B, T, D), "attention_out")
 
@@ -128,6 +140,7 @@ class AddNorm(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxF, residual_BxTxD):
         dense_BxTxD = _dense(self.config.hidden_size, "dense")(x_BxTxF)
+        dense_BxTxD = _dropout(self, dense_BxTxD, self.config.hidden_dropout_prob)
         return _layer_norm(self.config)(residual_BxTxD + dense_BxTxD)
 
 
@@ -171,8 +184,8 @@ class Encoder(nn.Module):
         c = self.config
         layer_cls = wrap_layer(Layer, c.remat, c.scan_layers)
         if c.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=nn.broadcast, length=c.num_hidden_layers)
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, in_axes=nn.broadcast,
+                            split_rngs={"params": True, "dropout": True}, length=c.num_hidden_layers)
             return stack(c, name="layer")(h_BxTxD, mask_BxT)[0]
         for i in range(c.num_hidden_layers):
             h_BxTxD, _ = layer_cls(c, name=f"layer_{i}")(h_BxTxD, mask_BxT)

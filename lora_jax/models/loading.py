@@ -49,6 +49,18 @@ class LoadedModel:
     module: nn.Module
     hf_config: dict[str, Any]
 
+    def dropout_fn(self) -> Callable[..., jax.Array]:
+        """fn(params, key, input_ids, attention_mask=None) with the checkpoint's dropout on, as
+        HF trains (BERT family: hidden and attention-probability dropout from config.json)."""
+        if self.family != "bert":
+            raise LoraError(f"model dropout is offered for BERT-family encoders; this is {self.family}")
+        module = self.module
+
+        def fn(params: PyTree, key: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None):
+            return module.apply(params, input_ids, attention_mask, rngs={"dropout": key})
+
+        return fn
+
 
 def family_of(hf_config: dict[str, Any]) -> str:
     """"llama" or "bert" from config.json's architectures (or model_type); refuses the rest."""

@@ -283,4 +283,5 @@ def build(config: Any, placer: Any, workdir: str) -> Any:
         batches=lambda position: iterate_batches(train_arrays, config.batch_size, config.seed, position),
         evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
         save_cache=lambda directory: save_cache(directory, data), hf_model=model,
+        dropout_fn=model.dropout_fn() if config.model.dropout else None,
     )

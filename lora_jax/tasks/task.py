@@ -41,6 +41,7 @@ class Task:
       a Hugging Face architecture as it is (PEFT / merged exports, lora_jax/run_export.py);
       None for models of the task's own making or with task-added heads (planted_rank,
       jsonl_classification). Its `source` is "" for a base made from scratch (no HF directory).
+    dropout_fn: `fn` with the model's own dropout, for model.dropout; None where the task has none.
     """
 
     fn: Callable
@@ -54,3 +55,4 @@ class Task:
     tokenizer: Any = None
     save_cache: Callable[[str], None] | None = None  # keeps built data in the workdir
     hf_model: Any = None
+    dropout_fn: Callable | None = None  # fn(params, key, *inputs) with the model's own dropout on
