@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 torch = pytest.importorskip("torch", reason="parity tests need torch (pip install .[parity])")
 transformers = pytest.importorskip("transformers", reason="parity tests need transformers")
@@ -28,6 +29,7 @@ from lora_jax.generate import generate  # noqa: E402
 from lora_jax.models.lm_loss import next_token_fn  # noqa: E402
 from lora_jax.models.precision import grouped_attention  # noqa: E402
 from lora_jax.paths import nest  # noqa: E402
+from lora_jax.sharding import make_mesh, param_sharding  # noqa: E402
 
 pytestmark = pytest.mark.parity
 ATOL = 1e-4  # fp32, fixed once
@@ -123,6 +125,38 @@ def test_greedy_kv_cache_generation_gives_transformers_tokens(checkpoint):
     got = generate(ours, PROMPTS, max_new_tokens=N_NEW, eos_ids=[EOS], pad_id=0)
     assert got == expected
     assert P + N_NEW > 2 * 4 and len({t for row in got for t in row}) > 4
+
+
+@pytest.mark.parametrize("checkpoint", ["gemma3"], indirect=True)
+def test_sharded_scanned_remat_gradients_match_and_bf16_tracks_fp32(checkpoint):
+    """Scan + remat + params on a (data 2, fsdp 2, tensor 2) mesh: the same gradients as the plain
+    unscanned model (compared by HF name); bf16 weights stray from fp32 logits no more than twice
+    as far as transformers' bf16 does."""
+    _, torch_model, directory = checkpoint
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    weights_BxTxV = jnp.asarray(rng.normal(size=(3, 12, 96)) * 0.01, jnp.float32)  # grads ~1
+
+    def grads(model):
+        loss = lambda p: jnp.sum(model.fn(p, PADDED_IDS, MASK) * weights_BxTxV)
+        return M.hf_state_dict(jax.jit(jax.grad(loss))(model.params))
+
+    plain = grads(M.load(directory))
+    sharded = M.load(directory, scan_layers=True, remat="full", shardings=param_sharding(mesh))
+    q_kernel = sharded.params["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q_kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    got = grads(sharded)
+    assert got.keys() == plain.keys() and max(np.abs(g).max() for g in plain.values()) > 0.5
+    for key, g in plain.items():
+        np.testing.assert_allclose(got[key], g, atol=ATOL, rtol=0, err_msg=key)
+    half = M.load(directory, dtype=jnp.bfloat16, scan_layers=True, shardings=param_sharding(mesh))
+    logits = np.asarray(jax.jit(half.fn)(half.params, PADDED_IDS, MASK), np.float32)
+    theirs = _logits(torch_model, PADDED_IDS, MASK)
+    with torch.no_grad():  # transformers' own bf16 error is the yardstick (~0.2 here)
+        theirs_bf16 = _fresh_torch("gemma3", directory).to(torch.bfloat16)(
+            input_ids=torch.tensor(PADDED_IDS, dtype=torch.long),
+            attention_mask=torch.tensor(MASK)).logits.float().numpy()
+    real = MASK > 0
+    assert np.abs(logits - theirs)[real].max() < 2 * np.abs(theirs_bf16 - theirs)[real].max()
 
 
 def _our_adapters(model, seed: int = 0):
