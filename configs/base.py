@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.causal_lm.intermediate_size = 512  # [int >= 1] from-scratch base: SwiGLU width
     c.causal_lm.layers = 4  # [int >= 1] from-scratch base: decoder layers
     c.causal_lm.heads = 3  # [int >= 1] from-scratch base: attention heads (hidden_size / heads is even)
+    c.causal_lm.family = "llama"  # [llama|qwen3|gemma3] from-scratch base: decoder family
     c.causal_lm.base_dir = ""  # [dir or ""] where pretraining exports; "" = a hashed dir in ~/.cache/lora_jax
     c.causal_lm.base_config = "configs/lm/pretrain.py"  # [config file] named when model.path is missing
 

@@ -40,6 +40,8 @@ def base_dir(config: Any) -> str:
     key = {f: _get(config, f) for f in _WEIGHT_FIELDS}
     if config.model.scan_layers:  # stacked layers draw their init differently (kept out otherwise,
         key["model.scan_layers"] = True  # so bases made before the field existed keep their name)
+    if config.causal_lm.family != "llama":  # likewise: Llama bases keep their name
+        key["causal_lm.family"] = config.causal_lm.family
     key.update(format=FORMAT, python=list(sys.version_info[:2]))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     root = os.environ.get("LORA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora_jax")

@@ -32,6 +32,26 @@ def hf_config(c: Any) -> dict[str, Any]:
     """The HF config.json of the from-scratch base described by the `causal_lm` config block."""
     if c.hidden_size % c.heads:
         raise LoraError(f"causal_lm.hidden_size={c.hidden_size} is not divisible by heads={c.heads}")
+    llama = _llama_config(c)
+    family = c.get("family", "llama")
+    if family == "llama":
+        return llama
+    head_dim = c.hidden_size // c.heads
+    if family == "qwen3":
+        return dict(llama, architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=head_dim)
+    if family == "gemma3":  # local layers see a quarter window; every second layer is global
+        gemma = {k: v for k, v in llama.items() if k != "hidden_act"}
+        return dict(gemma, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                    hidden_activation="gelu_pytorch_tanh", head_dim=head_dim,
+                    query_pre_attn_scalar=head_dim, sliding_window=max(c.seq_len // 4, 1),
+                    layer_types=["full_attention" if i % 2 else "sliding_attention"
+                                 for i in range(c.layers)],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    raise LoraError(f"causal_lm.family={family!r}; expected one of 'llama', 'qwen3', 'gemma3'")
+
+
+def _llama_config(c: Any) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "vocab_size": corpora.BYTE_VOCAB, "hidden_size": c.hidden_size,
