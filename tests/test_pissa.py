@@ -18,6 +18,8 @@ import lora_jax
 import lora_jax.models as M
 from configs import planted
 from lora_jax import peft as lpeft
+from lora_jax import run_export
+from lora_jax import sharding as shd
 from lora_jax.config_check import check_config
 from lora_jax.quant.tree import quantize_params
 from lora_jax.trainer import train_and_evaluate
@@ -177,6 +179,14 @@ def test_main_job_trains_on_the_residual_checkpoints_a0_b0_and_exports_rank_2r(t
     orbax = ("array_metadatas", "commit_success")  # Orbax's own records
     assert all(n.split(".")[0] in ("trainable", "opt_state", "step", "initial", *orbax) or n[0] == "_"
                for n in names), names
+    # `experiments.export` reads an unfinished run's checkpoint into the same rank-2r form
+    config = run_export.load_run_config(str(tmp_path))
+    mesh, task = run_export._one_device_task(config, str(tmp_path))
+    from_ckpt, step = run_export._from_checkpoint(str(tmp_path), config, task, run_export._abstract_trainable(
+        config, task), shd.replicated(mesh))
+    assert step == 4
+    for x, y in zip(jax.tree.leaves(from_ckpt["adapters"]), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # Killed after step 2: the resume rebuilds the residual from the checkpoint's A₀, B₀.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path, resumed, ignore=shutil.ignore_patterns("4", "adapter*", "peft", "resumed"))
