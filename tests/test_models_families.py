@@ -170,7 +170,7 @@ def _our_adapters(model, seed: int = 0):
     return nest(out)
 
 
-def test_peft_adapters_both_ways(checkpoint, tmp_path):
+def test_peft_adapters_both_ways_and_merged_export(checkpoint, tmp_path):
     name, _, directory = checkpoint
     ours = M.load(directory)
     forward = jax.jit(lambda ad: lora_jax.apply(ours.fn, ours.params, ad, PADDED_IDS, MASK))
@@ -193,6 +193,9 @@ def test_peft_adapters_both_ways(checkpoint, tmp_path):
     expected = np.asarray(forward(ad))
     assert np.abs(expected - np.asarray(ours.fn(ours.params, PADDED_IDS, MASK))).max() > 1e-2
     _assert_match(expected, _logits(loaded, PADDED_IDS, MASK), MASK)
+    # the LoRA merged into the weights and exported: plain transformers reads it
+    merged = M.save_pretrained(ours, lora_jax.merge(ours.params, ad), tmp_path / "merged")
+    _assert_match(expected, _logits(_fresh_torch(name, merged), PADDED_IDS, MASK), MASK)
 
 
 def test_attention_soft_cap_matches_transformers_eager_attention():
