@@ -4,8 +4,9 @@
 
 No download and no pretraining: the base (2 layers, width 64, byte vocabulary) is drawn at
 random from causal_lm.family's config (model.path ""), then adapted to pydoc's help topics with
-LoRA r=8 on q_proj and v_proj, the family's default targets. The loss falls from ln 257 ≈ 5.55
-as the adapters learn the byte statistics. configs/lm/gemma3_tiny.py is the same for Gemma 3.
+LoRA r=8 on q_proj and v_proj, the family's default targets. configs/lm/gemma3_tiny.py is the
+same for Gemma 3. Measured (100 steps, CPU): held-out target loss (nats/byte) 5.43 -> 5.19 for
+Qwen3, 5.56 -> 5.18 for Gemma 3 (a random base starts near ln 257 = 5.55).
 """
 
 from configs import base
