@@ -227,3 +227,23 @@ def test_unsupported_family_options_are_refused(model_type, extra, message):
     hf = dict(SMALL, num_hidden_layers=2, model_type=model_type, **extra)
     with pytest.raises(LoraError, match=message):
         M.LlamaConfig.from_hf(hf)
+
+
+def test_family_configs_go_through_the_ablation_runner(tmp_path):
+    """configs/lm/{qwen3,gemma3}_tiny.py: a sweep may switch causal_lm.family (a declared field),
+    each run passes the config rules, and the task builds the named family; a wrong one is refused."""
+    from configs.lm import gemma3_tiny, qwen3_tiny
+    from lora_jax.ablate import apply_overrides
+    from lora_jax.config_check import check_config
+    from lora_jax.tasks.causal_lm import hf_config
+
+    assert gemma3_tiny.get_config("smoke").causal_lm.family == "gemma3"
+    run = qwen3_tiny.get_config("smoke")
+    types = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+    for family, model_type in types.items():
+        config = apply_overrides(run, {"causal_lm.family": family, "lora.rank": 4})
+        check_config(config, str(tmp_path / family))
+        built = M.LlamaConfig.from_hf(hf_config(config.causal_lm))
+        assert built.model_type == model_type and built.qk_norm == (family != "llama")
+    with pytest.raises(LoraError, match=r"causal_lm\.family='gpt2'; expected one of 'llama', 'qwen3'"):
+        check_config(apply_overrides(run, {"causal_lm.family": "gpt2"}), str(tmp_path / "bad"))
