@@ -74,6 +74,9 @@ def check_together(c: Any) -> None:
     if changes_base(c.lora.init) and c.method != "lora":
         _fail("lora.init", c.lora.init, "'kaiming' or 'gaussian' with method='full' (PiSSA/OLoRA "
               "initialise LoRA factors, and full fine-tuning has none)")
+    if changes_base(c.lora.init) and c.lora.get("dora", False):
+        _fail("lora.init", c.lora.init, "'kaiming' or 'gaussian' with lora.dora=True (DoRA's magnitude "
+              "would come from W, not from the residual PiSSA/OLoRA train on)")
     if changes_base(c.lora.init) and c.model.quant != "none":
         _fail("lora.init", c.lora.init, f"'kaiming' or 'gaussian' with model.quant={c.model.quant!r}: "
               "PiSSA/OLoRA subtract A₀B₀ from W and a quantised W is frozen codes (start dense)")

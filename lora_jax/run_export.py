@@ -13,6 +13,9 @@ Which runs have which form:
     no PEFT form; `merged` covers both. A base made from scratch has no directory to point at.
   - Both need the task to train a Hugging Face architecture as it is (`Task.hf_model`); the
     MLP of planted_rank or jsonl_classification's headed model have neither form.
+  - A PiSSA/OLoRA run (lora.init) is read as the rank-2r plain LoRA on the original base, the
+    form its adapter/ already holds; its checkpoints are converted with their A₀, B₀
+    (lora_jax/variants/job.py).
 """
 
 from __future__ import annotations

@@ -183,6 +183,9 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
             raise LoraError(pl.refusal)
     out = {}
     from_w = changes_base(spec.init)
+    if from_w and getattr(spec, "dora", False):
+        raise LoraError(f"init={spec.init!r} with dora=True is not supported: DoRA's magnitude would "
+                        "be taken from W, not from the residual W − s·A₀·B₀ the adapters start on")
     weights = dict(flat_paths(params, is_leaf=is_quantized)) if from_w else {}
     for i, pl in enumerate(planned):
         k = jax.random.fold_in(key, i)

@@ -222,3 +222,11 @@ def test_library_refusals_are_one_line():
         lora_jax.to_plain_lora(ad, other)
     back = lora_jax.merge(lora_jax.residual_base(c.params, ad), ad)["w1"]
     np.testing.assert_allclose(np.asarray(back), np.asarray(c.params["w1"]), atol=ZERO_ATOL, rtol=0)
+
+
+def test_main_job_refuses_a_weight_both_trained_in_full_and_adapted_from_its_residual(tmp_path):
+    c = _planted(**{"lora.train_also": "layers_1/kernel"})
+    with pytest.raises(lora_jax.LoraError, match=r"^lora.train_also 'layers_1/kernel' matches "
+                                                 r"'layers_1/kernel', which lora.init='pissa' also adapts"):
+        train_and_evaluate(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()

@@ -96,7 +96,10 @@ def residual_base(params: PyTree, initial: PyTree) -> PyTree:
     The subtraction runs in fp32 and is cast back to W's dtype (`lora_jax.unmerge`).
     """
     weights = dict(flat_paths(params, is_leaf=is_quantized))
-    for path, _ in adapter_items(initial):
+    for path, ad in adapter_items(initial):
+        if getattr(ad, "is_dora", False):
+            raise LoraError(f"residual_base: the adapter of '{path}' is a DoRA adapter; PiSSA/OLoRA "
+                            "residuals are made from plain LoRA factors only")
         if is_quantized(weights.get(path)):
             raise LoraError(f"residual_base: '{path}' is quantised; the residual W − s·A₀·B₀ needs "
                             "the dense weight")
