@@ -3,6 +3,7 @@
     python -m benchmarks.plan --model llama3-8b --mesh fsdp=8 --rank 16
     python -m benchmarks.plan --model llama3-70b --mesh data=2,fsdp=8,tensor=4 --batch 16 --seq 4096
     python -m benchmarks.plan --model llama3-8b --quant nf4 --mesh data=1 --batch 1   # QLoRA too
+    python -m benchmarks.plan --model qwen3-30b-a3b --targets moe --mesh fsdp=8      # MoE experts
 
 The trainer's own step (make_train_step, model_apply, make_optimizer, the sharding rules) is
 built on jax.eval_shape params of the true shapes, compiled ahead of time for a mesh of fake
@@ -37,9 +38,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                        rope_theta=500000.0),
+    # MoE (lora_jax/models/moe.py): every layer's MLP is top-k routed experts
+    "tiny-moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=64,
+                     intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                     num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rope_theta=1000000.0),
 }
 TARGETS = {"qv": r".*/(q_proj|v_proj)/kernel",
-           "all": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"}
+           "all": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+           "moe": r".*/(q_proj|k_proj|v_proj|o_proj)/kernel|.*/experts/(gate_up_proj|down_proj)"}
 
 
 def hf_config(model: str) -> dict:
@@ -77,7 +89,11 @@ def _activations(c: Any, mesh: dict, batch: int, seq: int, dsize: int, remat: bo
     D, F, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     H, V = c.num_attention_heads, c.vocab_size
     kv = c.num_key_value_heads * c.head_dim
-    layer = b * seq * (3 * D + 2 * kv + 3 * F / tp) * dsize + b * H / tp * seq * seq * (4 + 4 + dsize)
+    routed = 0
+    if getattr(c, "num_experts", 0):  # MoE: each token's k experts, plus its sorted copies
+        F, routed = c.num_experts_per_tok * c.moe_intermediate_size, 2 * c.num_experts_per_tok * D
+    layer = (b * seq * (3 * D + 2 * kv + 3 * F / tp + routed) * dsize
+             + b * H / tp * seq * seq * (4 + 4 + dsize))
     saved = L * b * seq * D * dsize if remat else L * layer
     logits = b * (logit_positions or seq) * V / tp * (dsize + 4 + 4)
     return int(saved + layer + logits)
@@ -130,7 +146,7 @@ def _quantized(params: Any, kind: str, repl: Any) -> tuple[Any, Any]:
 
 def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8, seq: int = 2048,
          dtype: str = "bfloat16", targets: str = "all", remat: bool = True, scan: bool = True,
-         quant: str | None = None, loss: str = "chunked") -> dict:
+         quant: str | None = None, loss: str = "chunked", full: bool = True) -> dict:
     """Compile the LoRA and full steps (and QLoRA's with `quant`) for the mesh; their per-device
     bytes and the hand count. loss: "chunked", the trainer's causal-LM loss (the head applied
     per chunk of positions, lora_jax/models/lm_loss.py), or "plain" (whole fp32 logits)."""
@@ -153,6 +169,8 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
     if jax.device_count() < n:
         raise SystemExit(f"mesh needs {n} devices, JAX sees {jax.device_count()} "
                          "(run as `python -m benchmarks.plan`, which fakes them)")
+    if quant and "num_experts" in PRESETS[model]:
+        raise SystemExit(f"--quant plans dense Llama presets only; {model} is a MoE")
     mesh = shd.make_mesh(mesh_sizes, jax.devices()[:n])
     shd.check_batch(batch, 1, mesh)  # the trainer's own check: batch splits over data x fsdp
     _, module, c = build_module(hf_config(model), scan_layers=scan, remat=remat)
@@ -182,7 +200,7 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
     if quant:
         bases["qlora"] = _quantized(params, quant, repl)
         out["hand_quantized_base_bytes"] = quantized_base_bytes(c, quant, dsize)
-    for method in ((("qlora",) if quant else ()) + ("lora", "full")):
+    for method in (("qlora",) if quant else ()) + ("lora",) + (("full",) if full else ()):
         t0 = time.perf_counter()
         if method != "full":
             frozen, frozen_sh = bases[method]
@@ -218,7 +236,8 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
                        "trainable_params": lora_jax.count_params(trainable),
                        "compile_s": time.perf_counter() - t0, "hand": hand}
         out[method]["total_bytes"] = out[method]["argument_bytes"] + out[method]["temp_bytes"]
-    out["lora_over_full"] = out["lora"]["total_bytes"] / out["full"]["total_bytes"]
+    if full:
+        out["lora_over_full"] = out["lora"]["total_bytes"] / out["full"]["total_bytes"]
     if quant:
         out["qlora_over_lora"] = out["qlora"]["total_bytes"] / out["lora"]["total_bytes"]
     return out
@@ -243,7 +262,8 @@ def table(res: dict) -> str:
         lines.append(f"{m}: compiled args / hand-counted state (weights+trainable+optimizer) "
                      f"{r['argument_bytes'] / h['state_bytes']:.3f}; compiled temp / hand (grads + "
                      f"activations) {r['temp_bytes'] / h['temp_est']:.2f}")
-    lines.append(f"LoRA / full per-device memory: {res['lora_over_full']:.3f}")
+    if "lora_over_full" in res:
+        lines.append(f"LoRA / full per-device memory: {res['lora_over_full']:.3f}")
     if "qlora" in res:
         lines.append(f"QLoRA / LoRA per-device memory: {res['qlora_over_lora']:.3f}; quantised base "
                      f"{g(res['qlora']['hand']['weights']).strip()} GiB as built, "
@@ -267,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also plan QLoRA over a base quantised so")
     parser.add_argument("--loss", default="chunked", choices=["chunked", "plain"],
                         help="the trainer's chunked causal-LM loss, or whole fp32 logits")
+    parser.add_argument("--no-full", action="store_true", help="plan the LoRA step(s) only")
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args(argv)
     sizes = parse_mesh(args.mesh)
@@ -276,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                                    + f" --xla_force_host_platform_device_count={n}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     res = plan(args.model, sizes, args.rank, args.batch, args.seq, args.dtype, args.targets,
-               not args.no_remat, not args.no_scan, args.quant, args.loss)
+               not args.no_remat, not args.no_scan, args.quant, args.loss, not args.no_full)
     print(table(res))
     if args.json:
         with open(args.json, "w") as f:
