@@ -71,9 +71,16 @@ def _init(model, init):
 
 @pytest.fixture(scope="module")
 def ours(llama_dir):
-    """(our model of llama_dir, {init: its initial adapters}) made once."""
+    """(our model of llama_dir, {init: its initial adapters}, its jitted forward) made once."""
     model = M.load(llama_dir)
-    return model, {init: _init(model, init) for init in ("pissa", "olora", "pissa_niter_4")}
+    return model, {init: _init(model, init) for init in ("pissa", "olora", "pissa_niter_4")}, _forward(model)
+
+
+def _forward(model):
+    """Our logits on IDS, jitted: forward(params) or forward(params, adapters)."""
+    run = lambda p, a: model.fn(p, IDS, MASK) if a is None else lora_jax.apply(model.fn, p, a, IDS, MASK)
+    jitted = jax.jit(run)
+    return lambda params, adapters=None: np.asarray(jitted(params, adapters))
 
 
 def _peft_tensors(directory, adapters, model):
@@ -85,7 +92,7 @@ def _peft_tensors(directory, adapters, model):
 def test_initial_factors_and_residual_equal_peft(llama_dir, ours, tmp_path, init):
     pm = _peft_model(llama_dir, init)
     theirs = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(pm).items()}
-    model, ad = ours[0], ours[1][init]
+    model, ad, forward = ours[0], ours[1][init], ours[2]
     mine = _peft_tensors(tmp_path / "ours", ad, model)
     assert sorted(mine) == sorted(theirs) and len(mine) == 2 * 2 * len(MODULES)
     for key in (k for k in mine if ".lora_A." in k):
@@ -96,11 +103,11 @@ def test_initial_factors_and_residual_equal_peft(llama_dir, ours, tmp_path, init
         np.testing.assert_allclose(mine[b_key] * sign[None, :], theirs[b_key], atol=ATOL, rtol=0)
     residual = lora_jax.residual_base(model.params, ad)
     with pm.disable_adapter():  # PEFT's mutated base alone
-        np.testing.assert_allclose(np.asarray(model.fn(residual, IDS, MASK)), _torch_logits(pm),
+        np.testing.assert_allclose(forward(residual), _torch_logits(pm),
                                    atol=ATOL, rtol=0)
-    base_logits = np.asarray(model.fn(model.params, IDS, MASK))
-    assert np.abs(np.asarray(model.fn(residual, IDS, MASK)) - base_logits).max() > 1e-2
-    np.testing.assert_allclose(np.asarray(lora_jax.apply(model.fn, residual, ad, IDS, MASK)),
+    base_logits = forward(model.params)
+    assert np.abs(forward(residual) - base_logits).max() > 1e-2
+    np.testing.assert_allclose(forward(residual, ad),
                                base_logits, atol=ZERO_ATOL, rtol=0)
 
 
@@ -127,14 +134,15 @@ def test_pissa_niter_captures_the_top_subspace_as_peft_does(llama_dir, ours):
 def test_zero_change_at_init_and_params_untouched():
     c = zoo.scanned()  # scanned blocks with multi-axis DenseGeneral kernels
     before = jax.tree.map(np.array, c.params)
+    fn = jax.jit(lambda p: c.fn(p, *c.args))
+    adapted = jax.jit(lambda p, a: lora_jax.apply(c.fn, p, a, *c.args))
     for init in ("pissa", "pissa_niter_2", "olora"):
         spec = lora_jax.LoraSpec(targets=c.targets, rank=2, alpha=3.0, init=init)
         ad = lora_jax.init(jax.random.key(0), c.fn, c.params, *c.args, spec=spec)
         residual = lora_jax.residual_base(c.params, ad)
-        base = np.asarray(c.fn(c.params, *c.args))
-        assert np.abs(np.asarray(c.fn(residual, *c.args)) - base).max() > 1e-2
-        np.testing.assert_allclose(np.asarray(lora_jax.apply(c.fn, residual, ad, *c.args)), base,
-                                   atol=ZERO_ATOL, rtol=0)
+        base = np.asarray(fn(c.params))
+        assert np.abs(np.asarray(fn(residual)) - base).max() > 1e-2
+        np.testing.assert_allclose(np.asarray(adapted(residual, ad)), base, atol=ZERO_ATOL, rtol=0)
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, c.params))
 
 
@@ -143,11 +151,12 @@ def test_export_after_training_loads_in_peft_on_the_original_base(llama_dir, tmp
     initial = _init(model, "pissa")
     residual = lora_jax.residual_base(model.params, initial)
     trained = jax.tree.map(lambda x, z: x + 0.05 * z, initial, zoo.randomize(initial, seed=3, scale=1.0))
-    expected = np.asarray(lora_jax.apply(model.fn, residual, trained, IDS, MASK))
-    assert np.abs(expected - np.asarray(model.fn(model.params, IDS, MASK))).max() > 1e-2
+    forward = lambda p, a=None: np.asarray(  # eager: three adapter shapes, one call each
+        model.fn(p, IDS, MASK) if a is None else lora_jax.apply(model.fn, p, a, IDS, MASK))
+    expected = forward(residual, trained)
+    assert np.abs(expected - forward(model.params)).max() > 1e-2
     plain = lora_jax.to_plain_lora(trained, initial)
-    np.testing.assert_allclose(np.asarray(lora_jax.apply(model.fn, model.params, plain, IDS, MASK)),
-                               expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(forward(model.params, plain), expected, atol=ATOL, rtol=0)
     lpeft.save_adapter(tmp_path / "plain", plain, model)
     cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (2 * RANK, 2 * ALPHA, True)
