@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters import adapter_items
@@ -47,8 +46,3 @@ def to_plain_lora(adapters: PyTree, initial: PyTree) -> PyTree:
         b = jnp.concatenate([ad.b, -a0.b.astype(ad.b.dtype)], axis=rank_axis)
         out[path] = dataclasses.replace(ad, a=a, b=b)
     return nest(out)
-
-
-def converted_shapes(adapters: PyTree) -> PyTree:
-    """The rank-2r tree `to_plain_lora` makes from adapters of this structure (abstract values)."""
-    return jax.eval_shape(to_plain_lora, adapters, adapters)
