@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.scaling = "standard"  # [standard|rslora] α/r or α/√r
     c.lora.init = "kaiming"  # [lora init] kaiming|gaussian (B = 0), pissa|pissa_niter_K|olora (A, B from W)
     c.lora.dropout = 0.0  # [0 <= float < 1] dropout on the LoRA branch's input while training
+    c.lora.dora = False  # [bool] DoRA: also train a magnitude per output unit, W' = m·(W+ΔW)/‖W+ΔW‖
     c.lora.train_also = ""  # [regex or ""] base weights trained in full beside the adapters (e.g. a new head)
 
     c.optimizer = ml_collections.ConfigDict()
@@ -91,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.causal_lm.intermediate_size = 512  # [int >= 1] from-scratch base: SwiGLU width
     c.causal_lm.layers = 4  # [int >= 1] from-scratch base: decoder layers
     c.causal_lm.heads = 3  # [int >= 1] from-scratch base: attention heads (hidden_size / heads is even)
-    c.causal_lm.family = "llama"  # [llama|qwen3|gemma3] from-scratch base: decoder family
+    c.causal_lm.family = "llama"  # [llama|qwen3|gemma3|qwen3_moe] from-scratch base: decoder family
     c.causal_lm.base_dir = ""  # [dir or ""] where pretraining exports; "" = a hashed dir in ~/.cache/lora_jax
     c.causal_lm.base_config = "configs/lm/pretrain.py"  # [config file] named when model.path is missing
 

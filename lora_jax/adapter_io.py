@@ -29,6 +29,8 @@ def _layout(adapters: PyTree) -> dict[str, dict]:
             "scale": ad.scale, "stack": list(ad.stack), "inputs": list(ad.inputs),
             "outputs": list(ad.outputs), "dropout": ad.dropout,
             "a_shape": list(ad.a.shape), "b_shape": list(ad.b.shape), "dtype": str(ad.a.dtype),
+            "m_shape": None if ad.m is None else list(ad.m.shape),  # DoRA's magnitude
+            "m_dtype": None if ad.m is None else str(ad.m.dtype),
         }
         for path, ad in adapter_items(adapters)
     }
@@ -107,8 +109,9 @@ def load_adapter(directory: str, shardings: PyTree | None = None) -> tuple[PyTre
     for path, m in meta["layout"].items():
         a = jax.ShapeDtypeStruct(tuple(m["a_shape"]), m["dtype"])
         b = jax.ShapeDtypeStruct(tuple(m["b_shape"]), m["dtype"])
+        mag = None if m.get("m_shape") is None else jax.ShapeDtypeStruct(tuple(m["m_shape"]), m["m_dtype"])
         abstract[path] = Adapter(a, b, m["scale"], tuple(m["stack"]), tuple(m["inputs"]),
-                                 tuple(m["outputs"]), m["dropout"])
+                                 tuple(m["outputs"]), m["dropout"], mag)
     abstract = nest(abstract)
     if shardings is not None:
         abstract = jax.tree.map(

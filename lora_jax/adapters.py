@@ -6,7 +6,8 @@ A weight W is split into three groups of axes (numbers are W's own axes):
              the vocabulary axis of a gathered embedding);
   outputs -- every other axis.
 Then A has shape [*stack, *inputs, r] and B [*stack, r, *outputs], and
-ΔW = scale · A·B (contracted over r) laid out back in W's axis order.
+ΔW = scale · A·B (contracted over r) laid out back in W's axis order. A DoRA adapter also has a
+magnitude m [*stack, *outputs] (lora_jax/variants/dora.py): W' = m/‖W + ΔW‖ · (W + ΔW).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths, nest, path_str
 from lora_jax.quant.tree import dequantize_params
 from lora_jax.quant.weight import is_quantized
+from lora_jax.variants import dora
 
 PyTree = Any
 
@@ -31,7 +33,7 @@ PyTree = Any
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """Low-rank factors of one weight. Only `a` and `b` are pytree leaves; the rest is static."""
+    """Low-rank factors of one weight. Only `a`, `b` and `m` are pytree leaves; the rest is static."""
 
     a: Any  # [*stack, *inputs, r]
     b: Any  # [*stack, r, *outputs]
@@ -40,6 +42,11 @@ class Adapter:
     inputs: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     outputs: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: Any = None  # DoRA's magnitude [*stack, *outputs]; None for plain LoRA
+
+    @property
+    def is_dora(self) -> bool:
+        return self.m is not None
 
     @property
     def rank(self) -> int:
@@ -104,37 +111,62 @@ def check_fits(params: PyTree, adapters: PyTree, stacked: bool = False) -> dict[
                 f"adapter for '{path}' has A {tuple(ad.a.shape)}, B {tuple(ad.b.shape)}; "
                 f"weight {w_shape} needs A {want_a}, B {want_b}"
             )
+        if ad.is_dora:
+            if stacked:
+                raise LoraError(f"adapter for '{path}' is a DoRA adapter; a stack of adapters for a "
+                                "mixed batch holds plain LoRA adapters only")
+            want_m = dora.m_shape(ad, w_shape)
+            if tuple(ad.m.shape) != want_m:
+                raise LoraError(f"DoRA adapter for '{path}' has magnitude {tuple(ad.m.shape)}; "
+                                f"weight {w_shape} needs {want_m}")
         found[path] = ad
     return found
 
 
-def _fold(params: PyTree, adapters: PyTree, sign: float) -> PyTree:
+def _fold(params: PyTree, adapters: PyTree, sign: float, norms: dict | None = None,
+          norms_out: dict | None = None) -> PyTree:
     found = check_fits(params, adapters)
+    missing = sorted(p for p, ad in found.items() if ad.is_dora and sign < 0 and p not in (norms or {}))
+    if missing:
+        raise LoraError(f"unmerging the DoRA adapter of '{missing[0]}' needs the norms ‖W + ΔW‖ that "
+                        "merge computed (merged, norms = lora_jax.merge(params, adapters, "
+                        "return_norms=True)); the merged weight alone does not determine them")
 
     def fold(key_path, w):
-        ad = found.get(path_str(key_path))
+        path = path_str(key_path)
+        ad = found.get(path)
         if ad is None:
             return w
+        if ad.is_dora and sign > 0:
+            out, norms_out[path] = dora.merged_weight(w, ad)
+            return out.astype(w.dtype)
+        if ad.is_dora:
+            return dora.unmerged_weight(w, ad, norms[path]).astype(w.dtype)
         delta = ad.delta(jnp.promote_types(w.dtype, jnp.float32))
         return (w.astype(delta.dtype) + sign * delta).astype(w.dtype)
 
     return jax.tree_util.tree_map_with_path(fold, params)
 
 
-def merge(params: PyTree, adapters: PyTree) -> PyTree:
+def merge(params: PyTree, adapters: PyTree, return_norms: bool = False) -> PyTree:
     """Params with s·A·B folded into each targeted weight (computed in fp32, cast back).
 
     Merged inference costs exactly the base's forward. In bf16 the sum is rounded to bf16, so
     `unmerge(merge(p, a), a)` differs from p by up to half a bf16 ulp of w + ΔW plus half of w's:
     at most 2⁻⁸·(|w + ΔW| + |w|) per weight (in fp32, by fp32 rounding only).
     Quantised weights (lora_jax.quant) are dequantised first: the result is a dense tree.
+    A DoRA adapter merges as m/‖W + ΔW‖ · (W + ΔW); `return_norms` also returns {path: ‖W + ΔW‖},
+    which `unmerge` needs for DoRA adapters: (merged, norms).
     """
-    return _fold(dequantize_params(params), adapters, 1.0)
+    norms: dict[str, jax.Array] = {}
+    merged = _fold(dequantize_params(params), adapters, 1.0, norms_out=norms)
+    return (merged, norms) if return_norms else merged
 
 
-def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
-    """The base params back from merged ones (exact to fp32 rounding)."""
-    return _fold(merged, adapters, -1.0)
+def unmerge(merged: PyTree, adapters: PyTree, norms: dict | None = None) -> PyTree:
+    """The base params back from merged ones (exact to fp32 rounding); DoRA adapters need the
+    `norms` that `merge(..., return_norms=True)` returned."""
+    return _fold(merged, adapters, -1.0, norms=norms)
 
 
 def count_params(tree: PyTree) -> int:
@@ -149,10 +181,10 @@ def trainable_fraction(params: PyTree, adapters: PyTree) -> float:
 
 
 def adapter_shardings(adapters: PyTree, param_shardings: PyTree) -> PyTree:
-    """A/B shardings from the base weights' NamedShardings.
+    """A/B (and DoRA m) shardings from the base weights' NamedShardings.
 
-    A takes the specs of W's stack and contracted axes, B those of W's stack and output axes;
-    the rank axis is replicated. The result has the structure of `adapters`.
+    A takes the specs of W's stack and contracted axes, B and m those of W's stack and output
+    axes; the rank axis is replicated. The result has the structure of `adapters`.
     """
     # a quantised weight's shardings come as a QuantizedWeight of its arrays' (all alike: replicated)
     by_path = {p: jax.tree.leaves(s)[0] if is_quantized(s) else s for p, s in flat_paths(
@@ -166,7 +198,9 @@ def adapter_shardings(adapters: PyTree, param_shardings: PyTree) -> PyTree:
         stack = [spec[i] for i in ad.stack]
         a_spec = PartitionSpec(*stack, *(spec[i] for i in ad.inputs), None)
         b_spec = PartitionSpec(*stack, None, *(spec[i] for i in ad.outputs))
+        m = None if ad.m is None else NamedSharding(sh.mesh, PartitionSpec(
+            *stack, *(spec[i] for i in ad.outputs)))
         out[path] = dataclasses.replace(
-            ad, a=NamedSharding(sh.mesh, a_spec), b=NamedSharding(sh.mesh, b_spec)
+            ad, a=NamedSharding(sh.mesh, a_spec), b=NamedSharding(sh.mesh, b_spec), m=m
         )
     return nest(out)

@@ -33,6 +33,7 @@ def with_strength(adapters: PyTree, strength: float) -> PyTree:
     under one compilation (or make strength a traced/learned value), use `scaled_b`.
     """
     s = float(strength)
+    _refuse_dora([adapters], "with_strength")
     return jax.tree_util.tree_map(lambda ad: dataclasses.replace(ad, scale=ad.scale * s),
                                   adapters, is_leaf=is_adapter)
 
@@ -42,9 +43,18 @@ def scaled_b(adapters: PyTree, strength: float | jax.Array) -> PyTree:
 
     `strength` may be a traced scalar. In low precision (bf16 B) the product is rounded once.
     """
+    _refuse_dora([adapters], "scaled_b")
     return jax.tree_util.tree_map(
         lambda ad: dataclasses.replace(ad, b=(ad.b * strength).astype(ad.b.dtype)),
         adapters, is_leaf=is_adapter)
+
+
+def _refuse_dora(adapters_list: Sequence[PyTree], what: str) -> None:
+    for i, tree in enumerate(adapters_list):
+        dora = [p for p, ad in adapter_items(tree) if ad.is_dora]
+        if dora:
+            raise LoraError(f"{what}: adapter tree {i} is DoRA (at '{dora[0]}'); its magnitude does "
+                            "not scale or add like A·B, so only plain LoRA adapters are supported")
 
 
 def _layout_key(ad: Adapter) -> tuple:
@@ -149,6 +159,7 @@ def combine(adapters_list: Sequence[PyTree], weights: Sequence[float], how: str 
     if rank is not None and (how != "svd" or isinstance(rank, bool) or not isinstance(rank, int)
                              or rank < 1):
         raise LoraError(f"rank={rank!r} is only for how='svd' and must be a positive int")
+    _refuse_dora(adapters_list, "combine")
     aligned = _aligned(adapters_list)
     if rank is None:  # PEFT: the largest rank of the inputs
         rank = max(ad.rank for ads in aligned.values() for ad in ads)

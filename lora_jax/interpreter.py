@@ -57,6 +57,7 @@ class Tracked:
     layout: Layout | None = dataclasses.field(metadata=dict(static=True))
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    g: Any = None  # DoRA's m/‖W + ΔW‖ [*stack_left, *outputs] (lora_jax/variants/dora.py), or None
 
     @property
     def stack_left(self) -> tuple[int, ...]:
@@ -252,7 +253,7 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
     """Arrays to hand a scan as xs for `t`, and how to rebuild the per-step view inside the body."""
     orig = t.w_axes[0]
     sliced = t.sliced + (orig,)
-    rest = dataclasses.replace(t, w=None, a=None, b=None, w_axes=t.w_axes[1:], sliced=sliced)
+    rest = dataclasses.replace(t, w=None, a=None, b=None, g=None, w_axes=t.w_axes[1:], sliced=sliced)
     w_xs, w_step = scan_slices(t.w)  # a quantised stack: its codes, one layer a step
     if ctx.discovering:
         return (w_xs,), lambda xs: dataclasses.replace(rest, w=w_step(xs[0]))
@@ -263,6 +264,10 @@ def _slice_leading(t: Tracked, ctx: Context) -> tuple[tuple, Callable[[tuple], T
         )
     i = t.stack_left.index(orig) + (ctx.rows is not None)  # after a mixed batch's adapter axis
     a, b = jnp.moveaxis(t.a, i, 0), jnp.moveaxis(t.b, i, 0)
+    if t.g is not None:  # DoRA's factor is sliced with the stack like A and B
+        g = jnp.moveaxis(t.g, t.stack_left.index(orig), 0)
+        return (w_xs, a, b, g), lambda xs: dataclasses.replace(
+            rest, w=w_step(xs[0]), a=xs[1], b=xs[2], g=xs[3])
     return (w_xs, a, b), lambda xs: dataclasses.replace(rest, w=w_step(xs[0]), a=xs[1], b=xs[2])
 
 

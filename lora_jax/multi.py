@@ -38,6 +38,11 @@ def stack_adapters(adapter_trees: Sequence[PyTree]) -> PyTree:
         if sorted(it) != paths:
             diff = sorted(set(it) ^ set(paths))
             raise LoraError(f"adapter {i} targets other weights than adapter 0 (differ: {', '.join(diff)})")
+    for i, it in enumerate(items):
+        dora = sorted(p for p, ad in it.items() if ad.is_dora)
+        if dora:
+            raise LoraError(f"adapter {i} is DoRA (at '{dora[0]}'); a mixed-adapter batch serves plain "
+                            "LoRA adapters only, as in PEFT; apply a DoRA adapter alone or merge it")
     out = {}
     for path in paths:
         ads = [it[path] for it in items]

@@ -2,7 +2,8 @@
 
 On disk: `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.<HF module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r] (our A and B
-transposed), or `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r] for embeddings.
+transposed), or `lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r] for embeddings;
+DoRA adds `...lora_magnitude_vector` [out] per module and `use_dora: true` in the config.
 Scaling is recomputed from r, lora_alpha and use_rslora on load, never taken on trust.
 Files we write carry a SHA-256 of each tensor in the safetensors metadata (`lora_jax.sha256`,
 which PEFT ignores); `load_adapter` refuses a file whose tensors do not match it.
@@ -35,21 +36,32 @@ from lora_jax.quant.weight import is_quantized
 PREFIX = "base_model.model."
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CHECKSUM_KEY = "lora_jax.sha256"
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's DoRA magnitude [out], saved without ".weight"
+VLLM_DORA = ("vLLM does not serve DoRA adapters (use_dora); to serve this one, export the merged "
+             "weights (python -m experiments.export --to=merged)")
 _TASK_TYPES = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
 
 
-def _modules(adapters: Any) -> list[tuple[str, np.ndarray, np.ndarray, float, bool]]:
-    """(HF module name, A [in, r], B [r, out], scale, is_embedding) per layer and weight."""
+def _modules(adapters: Any) -> list[tuple[str, np.ndarray, np.ndarray, float, bool, Any]]:
+    """(HF module name, A [in, r], B [r, out], scale, is_embedding, DoRA m [out] or None) per
+    layer and weight."""
     out = []
-    for path, ad in adapter_items(adapters):
+    items = adapter_items(adapters)
+    if len({ad.is_dora for _, ad in items}) > 1:
+        plain = next(p for p, ad in items if not ad.is_dora)
+        raise LoraError(f"adapter '{plain}' is plain LoRA beside DoRA adapters; PEFT's use_dora "
+                        "holds for every module of an adapter")
+    for path, ad in items:
         a, b = np.asarray(ad.a, np.float32), np.asarray(ad.b, np.float32)
+        m = None if ad.m is None else np.asarray(ad.m, np.float32)
         if len(ad.inputs) != 1 or len(ad.outputs) != 1 or len(ad.stack) > 1:
             raise LoraError(f"adapter '{path}' factors a {ad.w_ndim}-d weight; PEFT holds 2-d ones only")
         embedding = path.endswith("/embedding")
-        layers = [(None, a, b)] if not ad.stack else [(i, a[i], b[i]) for i in range(a.shape[0])]
-        for layer, a_l, b_l in layers:
+        layers = [(None, a, b, m)] if not ad.stack else [
+            (i, a[i], b[i], None if m is None else m[i]) for i in range(a.shape[0])]
+        for layer, a_l, b_l, m_l in layers:
             key, _ = flax_to_hf(path, layer)
-            out.append((key.rsplit(".", 1)[0], a_l, b_l, ad.scale, embedding))
+            out.append((key.rsplit(".", 1)[0], a_l, b_l, ad.scale, embedding, m_l))
     return out
 
 
@@ -58,18 +70,23 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
 
     With `rslora`, the config says use_rslora and lora_alpha = scale·√r; otherwise scale·r.
     Modules whose rank or alpha differ from the most common go to rank_pattern / alpha_pattern.
+    DoRA adapters write use_dora and each module's `lora_magnitude_vector` [out]; PEFT loads
+    them, vLLM does not serve them (a warning says so; export merged weights to serve one).
     """
     adapters, experts = peft_experts.split(adapters)  # MoE expert weights: target_parameters
     mods = _modules(adapters)
     if not mods and not experts:
         raise LoraError("no adapters to save")
     tensors, ranks, alphas = peft_experts.save_tensors(experts, rslora)
-    for name, a, b, scale, embedding in mods:
+    for name, a, b, scale, embedding, m in mods:
         r = a.shape[-1]
         ranks[name], alphas[name] = r, scale * (math.sqrt(r) if rslora else r)
         kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{name}.{kind[0]}"] = np.ascontiguousarray(a.T)
         tensors[f"{PREFIX}{name}.{kind[1]}"] = np.ascontiguousarray(b.T)
+        if m is not None:
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = np.ascontiguousarray(m)
+    use_dora = bool(mods) and mods[0][5] is not None
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -78,7 +95,7 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
         "rank_pattern": {f"^{n}$": int(v) for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{n}$": float(v) for n, v in alphas.items() if v != alpha},
-        "use_rslora": bool(rslora), "use_dora": False, "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": bool(rslora), "use_dora": use_dora, "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
         "init_lora_weights": True,
     }
@@ -86,6 +103,8 @@ def save_adapter(directory: str, adapters: Any, model: Any, rslora: bool = False
     bad_ranks = sorted({v for v in ranks.values() if v not in VLLM_RANKS})
     if bad_ranks:
         warnings.warn(f"vLLM cannot serve ranks {bad_ranks}; it accepts {VLLM_RANKS}", stacklevel=2)
+    if use_dora:
+        warnings.warn(VLLM_DORA, stacklevel=2)
     os.makedirs(directory, exist_ok=True)
     sums = json.dumps({k: _sha256(v) for k, v in tensors.items()}, sort_keys=True)
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"),
@@ -141,24 +160,34 @@ def _read(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise LoraError(f"no adapter_config.json in {directory}")
     with open(cfg_path) as f:
         config = json.load(f)
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise LoraError(f"{directory} is a {config.get('peft_type')} adapter "
-                        f"(use_dora={config.get('use_dora')}); only plain LoRA is supported")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{directory} is a {config.get('peft_type')} adapter; only LoRA (and DoRA, "
+                        "LoRA with use_dora) is supported")
     return config, _read_tensors(st_path)
 
 
 def load_adapter(directory: str, model: Any) -> Any:
-    """Adapters for `model` from a PEFT directory; shapes are checked against the model's params."""
+    """Adapters for `model` from a PEFT directory; shapes are checked against the model's params.
+    A DoRA adapter (use_dora) needs each module's lora_magnitude_vector."""
     config, tensors = _read(directory)
     experts = peft_experts.take(tensors, config, model, directory)
+    use_dora = bool(config.get("use_dora"))
     pairs: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
         match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|"
-                             r"lora_embedding_A|lora_embedding_B)", key)
+                             rf"lora_embedding_A|lora_embedding_B|{MAGNITUDE}(?:\.weight)?)", key)
         if match is None:
-            raise LoraError(f"{directory}: tensor '{key}' is not a LoRA factor (modules_to_save, biases "
-                            "and DoRA magnitudes are not supported)")
-        pairs[match.group(1)]["A" if "_A" in match.group(2) else "B"] = value
+            raise LoraError(f"{directory}: tensor '{key}' is not a LoRA factor or DoRA magnitude "
+                            "(modules_to_save and biases are not supported)")
+        part = "m" if match.group(2).startswith(MAGNITUDE) else "A" if "_A" in match.group(2) else "B"
+        pairs[match.group(1)][part] = value
+    for module, parts in sorted(pairs.items()):
+        if not {"A", "B"} <= set(parts):
+            raise LoraError(f"{directory}: module '{module}' lacks lora_{'A' if 'A' not in parts else 'B'}")
+        if use_dora != ("m" in parts):
+            raise LoraError(f"{directory}: module '{module}' " + (
+                f"has no {MAGNITUDE}, which a DoRA adapter (use_dora) needs for every module"
+                if use_dora else f"has a {MAGNITUDE} but the config says use_dora is false"))
     weights = dict(flat_paths(model.params, is_leaf=is_quantized))  # a QuantizedWeight: one weight
     scanned = any(is_stacked(p) for p in weights)
     per_layer: dict[str, list] = collections.defaultdict(list)
@@ -175,16 +204,23 @@ def load_adapter(directory: str, model: Any) -> Any:
         if (a.shape[0], b.shape[1]) != tuple(w_shape) or a.shape[1] != b.shape[0]:
             raise LoraError(f"{directory}: '{module}' has lora_A {ab['A'].shape}, lora_B {ab['B'].shape}, "
                             f"which do not fit the weight {tuple(w_shape)} of this model")
-        per_layer[target].append((path, a, b, scale))
+        m = ab.get("m")
+        if m is not None and tuple(m.shape) != (w_shape[1],):
+            raise LoraError(f"{directory}: '{module}' has {MAGNITUDE} {tuple(m.shape)}; the weight "
+                            f"{tuple(w_shape)} needs ({w_shape[1]},)")
+        per_layer[target].append((path, a, b, scale, None if m is None else m.astype(np.float32)))
     out = {}
     for target, items in per_layer.items():
         if target in {p for p, *_ in items}:
-            (_, a, b, scale), = items
-            out[target] = Adapter(jnp.asarray(a), jnp.asarray(b), scale, (), (0,), (1,))
+            (_, a, b, scale, m), = items
+            out[target] = Adapter(jnp.asarray(a), jnp.asarray(b), scale, (), (0,), (1,),
+                                  m=None if m is None else jnp.asarray(m))
         else:  # a scanned stack: one entry per layer, in layer order
             items.sort(key=lambda t: int(re.search(r"_(\d+)/", t[0]).group(1)))
-            if len({s for *_, s in items}) != 1 or len(items) != weights[target].shape[0]:
+            if len({t[3] for t in items}) != 1 or len(items) != weights[target].shape[0]:
                 raise LoraError(f"{directory}: '{target}' needs one adapter of one scale per layer")
+            m = None if items[0][4] is None else jnp.asarray(np.stack([t[4] for t in items]))
             out[target] = Adapter(jnp.asarray(np.stack([t[1] for t in items])),
-                                  jnp.asarray(np.stack([t[2] for t in items])), items[0][3], (0,), (1,), (2,))
+                                  jnp.asarray(np.stack([t[2] for t in items])), items[0][3], (0,), (1,), (2,),
+                                  m=m)
     return nest({**out, **experts})

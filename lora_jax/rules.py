@@ -18,6 +18,7 @@ from lora_jax import expert_rules
 from lora_jax.errors import LoraError
 from lora_jax.interpreter import HIGHER_ORDER, Context, Tracked, Use, bind, is_tracked
 from lora_jax.quant import consume
+from lora_jax.variants import dora
 
 R = "Z"  # einsum label of the rank axis
 EX = "Y"  # einsum label of the example axis in a mixed-adapter batch
@@ -63,6 +64,15 @@ def _delta_view(t: Tracked) -> jax.Array:
     return jnp.einsum(f"{a_lab},{b_lab}->{out}", t.a * t.scale, t.b).astype(t.w.dtype)
 
 
+def _materialized(t: Tracked) -> jax.Array:
+    """W + ΔW (DoRA: times g) in the current view of W."""
+    full = t.w + _delta_view(t)
+    if t.g is None:
+        return full
+    g = dora.along(t.g, [t.w_axes.index(o) for o in (*t.stack_left, *t.layout.outputs)], t.w.ndim)
+    return (full * g).astype(t.w.dtype)
+
+
 def _unsupported(eqn, invals, ctx: Context, note: str = ""):
     name = eqn.primitive.name
     tracked = [x for x in invals if is_tracked(x)]
@@ -70,7 +80,7 @@ def _unsupported(eqn, invals, ctx: Context, note: str = ""):
         ctx.uses.extend(Use(t.path, name, "other", note=note) for t in tracked)
         invals = [x.w if is_tracked(x) else x for x in invals]
     elif ctx.allow_materialize and ctx.rows is None:
-        invals = [x.w + _delta_view(x) if is_tracked(x) else x for x in invals]
+        invals = [_materialized(x) if is_tracked(x) else x for x in invals]
     else:
         raise LoraError(unfactorable_message(tracked[0].path, name, note))
     return bind(eqn, invals)
@@ -121,8 +131,6 @@ def _dot_general(eqn, invals, ctx):
             f"contracted over axes {sorted(contract)}; create the adapter with lora_jax.init on "
             "this function"
         )
-    base = eqn.primitive.bind(*_with_w(invals), **eqn.params)
-
     # Labels: W's axes by original axis; x's contracted/batch axes share W's labels.
     w_lab = {o: _LABELS[o] for o in range(len(t.w_axes) + len(t.sliced))}
     x_lab = list(_LABELS[len(w_lab) : len(w_lab) + x.ndim])
@@ -146,6 +154,15 @@ def _dot_general(eqn, invals, ctx):
     x_free = [x_lab[i] for i in range(x.ndim) if i not in (*xc, *xb)]
     batch_lab = [x_lab[i] for i in xb]
     out_lab = "".join(batch_lab + (w_free + x_free if w_side == 0 else x_free + w_free))
+    g_pos = None
+    if t.g is not None:  # DoRA: g along W's stack and output axes
+        g_lab = [w_lab[o] for o in (*t.stack_left, *lay.outputs)]
+        if direct:
+            g_pos = _positions(t, g_lab, out_lab)
+        else:  # W used transposed: x meets W's outputs, scaled there as the merged W' does it
+            x = x * dora.along(t.g, _positions(t, g_lab, x_lab), x.ndim).astype(x.dtype)
+            invals = [t, x] if w_side == 0 else [x, t]
+    base = eqn.primitive.bind(*_with_w(invals), **eqn.params)
 
     prec = eqn.params.get("precision")
     pref = eqn.params.get("preferred_element_type")
@@ -159,7 +176,20 @@ def _dot_general(eqn, invals, ctx):
         mid = mid * ctx.row_mask.astype(mid.dtype).reshape((-1,) + (1,) * (mid.ndim - 1))
     delta = jnp.einsum(f"{mid_lab},{second_lab}->{out_lab}", mid, second.astype(mid.dtype),
                        precision=prec, preferred_element_type=pref)
+    if g_pos is not None:
+        dropped = None if x_in is x else eqn.primitive.bind(
+            *_with_w([t, x_in] if w_side == 0 else [x_in, t]), **eqn.params)
+        return dora.rescale(t.g, g_pos, base, delta, dropped)
     return base + delta.astype(base.dtype)
+
+
+def _positions(t: Tracked, labels, target) -> list[int]:
+    """Where each of DoRA's factor axes (by label) sits in an operand or result."""
+    missing = [lab for lab in labels if lab not in target]
+    if missing:
+        raise LoraError(f"DoRA adapter for '{t.path}': this use of W does not keep all of W's stack "
+                        "and output axes, so the magnitude cannot be applied; use plain LoRA here")
+    return [list(target).index(lab) for lab in labels]
 
 
 def _check_rows(t: Tracked, x, example_axis_used: bool, ctx: Context) -> None:
@@ -231,8 +261,13 @@ def _conv(eqn, invals, ctx):
         return _unsupported(eqn, invals, ctx)
     base = eqn.primitive.bind(x, t.w, **p)
     kernel_a = _as_kernel(t, t.a).astype(t.w.dtype)
-    mid = eqn.primitive.bind(_dropout(x, t, ctx), kernel_a, **p)
-    return base + _to_outputs(mid, t, {t.w_axes[out_feat]: dn.out_spec[1]}, t.b).astype(base.dtype)
+    x_in = _dropout(x, t, ctx)
+    mid = eqn.primitive.bind(x_in, kernel_a, **p)
+    delta = _to_outputs(mid, t, {t.w_axes[out_feat]: dn.out_spec[1]}, t.b)
+    if t.g is not None:
+        dropped = None if x_in is x else eqn.primitive.bind(x_in, t.w, **p)
+        return dora.rescale(t.g, [dn.out_spec[1]], base, delta, dropped)
+    return base + delta.astype(base.dtype)
 
 
 # ---------------------------------------------------------------- lookups (embeddings)
@@ -282,7 +317,7 @@ def _gather(eqn, invals, ctx):
         kp["fill_value"] = 0  # a dropped row gets W's fill value and no LoRA branch
     if ctx.rows is None:
         mid = eqn.primitive.bind(_as_kernel(t, t.a), idx, **kp)
-        return base + _to_outputs(mid, t, out_pos, t.b).astype(base.dtype)
+        return _lookup_out(t, base, _to_outputs(mid, t, out_pos, t.b), out_pos)
     # Mixed batch: the K tables stacked along the indexed axis, read at row k·V + id.
     if len(indexed) != 1 or indexed[0] not in dn.start_index_map or 0 in dn.offset_dims \
             or idx.ndim < 2 or idx.shape[0] != ctx.rows.shape[0]:
@@ -332,7 +367,14 @@ def _dynamic_slice(eqn, invals, ctx):
     kp = {**eqn.params, "slice_sizes": _kernel_sizes(t, sizes, t.a.shape[-1])}
     mid = eqn.primitive.bind(_as_kernel(t, t.a), *starts, **kp)
     out_pos = {t.w_axes[i]: i for i in whole}
-    return base + _to_outputs(mid, t, out_pos, t.b).astype(base.dtype)
+    return _lookup_out(t, base, _to_outputs(mid, t, out_pos, t.b), out_pos)
+
+
+def _lookup_out(t: Tracked, base, delta, out_pos: dict[int, int]):
+    """base + branch of a lookup; under DoRA, both times g along the rows' output axes."""
+    if t.g is None:
+        return base + delta.astype(base.dtype)
+    return dora.rescale(t.g, [out_pos[o] for o in t.layout.outputs], base, delta)
 
 
 _RULES = {

@@ -33,6 +33,7 @@ import ml_collections
 import lora_jax
 from lora_jax import sharding as shd
 from lora_jax.adapter_io import load_adapter, load_tree
+from lora_jax.adapters import adapter_items
 from lora_jax.errors import LoraError
 from lora_jax.paths import flat_paths
 from lora_jax.spec import changes_base
@@ -284,4 +285,7 @@ def write_run_peft(workdir: str, config: Any, task: Any, trainable: Any) -> str 
     except LoraError as e:
         shutil.rmtree(target, ignore_errors=True)
         return f"no PEFT copy in {target}: {e}"
+    if any(ad.is_dora for _, ad in adapter_items(adapters)):
+        return (f"PEFT DoRA adapter (PeftModel.from_pretrained; vLLM does not serve DoRA, "
+                f"experiments.export --to=merged makes a model it does) in {target}")
     return f"PEFT adapter (PeftModel.from_pretrained, vLLM) in {target}"

@@ -48,6 +48,8 @@ class LoraSpec:
     dropout: dropout rate on the LoRA branch's input (only with an rng and deterministic=False).
     dtype: dtype of A and B.
     rank_pattern / alpha_pattern: {path regex: rank or alpha} overrides; the first match wins.
+    dora: DoRA (lora_jax/variants/dora.py): each adapter also trains a magnitude m, started at
+      W's norm over its input axes, and the adapted weight is m/‖W + ΔW‖ · (W + ΔW).
     """
 
     targets: str | Sequence[str]
@@ -59,6 +61,7 @@ class LoraSpec:
     dtype: Any = jnp.float32
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    dora: bool = False
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -85,6 +88,8 @@ class LoraSpec:
             raise LoraError(f"init={self.init!r}; expected one of {_INITS}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoraError(f"dropout={self.dropout}; expected 0 <= dropout < 1")
+        if not isinstance(self.dora, bool):
+            raise LoraError(f"dora={self.dora!r}; expected True or False")
 
     def matches(self, path: str) -> bool:
         return any(re.fullmatch(t, path) for t in self.targets)

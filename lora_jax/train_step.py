@@ -57,6 +57,16 @@ def _labels(trainable: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(label, trainable)
 
 
+def _decayed(trainable: PyTree) -> PyTree:
+    """Weight decay on matrices, not on vectors (biases, norms) nor DoRA's magnitudes, which
+    decay would pull towards a zero weight."""
+
+    def decay(path, x):
+        return x.ndim >= 2 and getattr(path[-1], "name", None) != "m"
+
+    return jax.tree_util.tree_map_with_path(decay, trainable)
+
+
 def make_optimizer(opt_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW with warm-up + cosine, global-norm clipping and the LoRA+ ratio for B."""
     peak = opt_cfg.lr
@@ -68,7 +78,7 @@ def make_optimizer(opt_cfg: Any, total_steps: int) -> tuple[optax.GradientTransf
     def adamw(scale: float):
         return optax.adamw(
             lambda s: schedule(s) * scale, b1=opt_cfg.b1, b2=opt_cfg.b2,
-            weight_decay=opt_cfg.weight_decay, mask=lambda t: jax.tree.map(lambda x: x.ndim >= 2, t),
+            weight_decay=opt_cfg.weight_decay, mask=_decayed,
         )
 
     tx = optax.multi_transform({"a": adamw(1.0), "b": adamw(opt_cfg.loraplus_ratio)}, _labels)
@@ -112,9 +122,9 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, tx: optax.GradientTra
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
-        for name, sub in (("a", "a"), ("b", "b")):
+        for name, sub in (("a", "a"), ("b", "b"), ("m", "m")):
             part = [getattr(x, sub) for x in jax.tree.leaves(grads, is_leaf=_is_adapter)
-                    if isinstance(x, Adapter)]
+                    if isinstance(x, Adapter) and getattr(x, sub) is not None]
             if part:
                 metrics[f"grad_norm_{name}"] = optax.tree.norm(part)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)

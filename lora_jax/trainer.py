@@ -40,7 +40,7 @@ STEP_GUARD = contextlib.nullcontext
 
 def lora_spec(cfg: Any) -> lora_jax.LoraSpec:
     return lora_jax.LoraSpec(targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, scaling=cfg.scaling,
-                             init=cfg.init, dropout=cfg.dropout)
+                             init=cfg.init, dropout=cfg.dropout, dora=cfg.get("dora", False))
 
 
 def build_task(config: Any, mesh: jax.sharding.Mesh, workdir: str):

@@ -27,6 +27,7 @@ from lora_jax.quant.frozen import frozen, is_frozen, standins
 from lora_jax.quant.weight import is_quantized
 from lora_jax.rules import unfactorable_message
 from lora_jax.spec import LoraSpec, changes_base
+from lora_jax.variants import dora
 from lora_jax.variants.pissa import principal_factors
 
 PyTree = Any
@@ -203,6 +204,9 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
         lay = pl.layout
         out[pl.path] = Adapter(a, b, spec.scale_for(pl.path), lay.stack, lay.inputs, lay.outputs,
                                spec.dropout)
+    if spec.dora:  # m₀ = ‖W‖: the adapted weight at init is W (PEFT sets m after the LoRA init)
+        w_at = dict(flat_paths(params, is_leaf=is_quantized))
+        out = dora.with_magnitudes({p: w_at[p] for p in out}, out, spec.dtype)
     return nest(out)
 
 
@@ -220,15 +224,16 @@ def apply(fn: Callable, params: PyTree, adapters: PyTree, *args: Any, rng: jax.A
     """
     found = check_fits(dict(_weights(params)), adapters, stacked=adapter_index is not None)
     closed, out_tree, dyn = _trace(fn, params, args)
-    vals = []
-    for (path, _), w in zip(_weights(params), _values(params), strict=True):
+    vals, values = [], list(zip(_weights(params), _values(params), strict=True))
+    factors = dora.factors({p: w for (p, _), w in values if p in found and found[p].is_dora}, found)
+    for (path, _), w in values:
         ad = found.get(path)
         if ad is None:
             vals.append(w)
             continue
         lay = Layout(ad.stack, ad.inputs, ad.outputs)
         vals.append(Tracked(w, ad.a, ad.b, path, tuple(range(w.ndim)), (), lay, ad.scale,
-                            ad.dropout))
+                            ad.dropout, factors.get(path)))
     use_dropout = rng is not None and not deterministic
     ctx = Context(allow_materialize=allow_materialize, rng=rng if use_dropout else None)
     if adapter_index is not None:

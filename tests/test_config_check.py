@@ -59,6 +59,7 @@ BAD = [
     ("lora.init", "zeros", "code_search"),
     ("lora.dropout", 1.0, "code_search"), ("lora.dropout", -0.1, "code_search"),
     ("lora.train_also", "[", "code_search"),
+    ("lora.dora", "yes", "code_search"),
     ("optimizer.lr", -0.001, "code_search"), ("optimizer.lr", 0.0, "code_search"),
     ("optimizer.lr", math.inf, "code_search"),
     ("optimizer.warmup_steps", -1, "code_search"), ("optimizer.warmup_steps", 20, "steps20"),
