@@ -12,7 +12,9 @@ weights, gradients, optimizer state and activations. Nothing the size of the mod
 With --quant, a QLoRA step (LoRA over a base whose linear kernels are quantised as
 lora_jax.models.load(quant=...) quantises them, replicated on every device) is planned as well.
 CPU caveat: XLA:CPU has no bf16 matmul, so it converts bf16 operands to f32; temporaries of a
-GPU/TPU compile of the same step are somewhat smaller.
+GPU/TPU compile of the same step are somewhat smaller. MoE presets lower ragged_dot (which
+XLA:CPU lacks) as a loop over experts that holds a grouped matmul's memory
+(benchmarks/moe_lowering.py).
 """
 
 from __future__ import annotations
@@ -169,8 +171,12 @@ def plan(model: str, mesh_sizes: dict[str, int], rank: int = 16, batch: int = 8,
     if jax.device_count() < n:
         raise SystemExit(f"mesh needs {n} devices, JAX sees {jax.device_count()} "
                          "(run as `python -m benchmarks.plan`, which fakes them)")
-    if quant and "num_experts" in PRESETS[model]:
-        raise SystemExit(f"--quant plans dense Llama presets only; {model} is a MoE")
+    if "num_experts" in PRESETS[model]:
+        if quant:
+            raise SystemExit(f"--quant plans dense Llama presets only; {model} is a MoE")
+        from benchmarks.moe_lowering import use_loop_lowering
+
+        use_loop_lowering()  # XLA:CPU's own ragged_dot expands tokens against every expert
     mesh = shd.make_mesh(mesh_sizes, jax.devices()[:n])
     shd.check_batch(batch, 1, mesh)  # the trainer's own check: batch splits over data x fsdp
     _, module, c = build_module(hf_config(model), scan_layers=scan, remat=remat)

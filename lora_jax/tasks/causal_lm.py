@@ -48,7 +48,12 @@ def hf_config(c: Any) -> dict[str, Any]:
                                  for i in range(c.layers)],
                     rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
-    raise LoraError(f"causal_lm.family={family!r}; expected one of 'llama', 'qwen3', 'gemma3'")
+    if family == "qwen3_moe":  # every MLP: 4 experts of intermediate_size, 2 routed per token
+        return dict(llama, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                    head_dim=head_dim, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                    moe_intermediate_size=c.intermediate_size)
+    raise LoraError(f"causal_lm.family={family!r}; expected one of 'llama', 'qwen3', 'gemma3', "
+                    "'qwen3_moe'")
 
 
 def _llama_config(c: Any) -> dict[str, Any]:
