@@ -1,7 +1,7 @@
 """Ablation sweeps: configs are well-formed, smoke sweeps write a sane CSV/markdown/PNGs, reruns skip.
 
 Which smoke sweeps run end to end is set by LORA_JAX_ABLATE_TESTS (comma-separated config names;
-default: all seven, about 2 minutes together), so a local run can trade coverage for time.
+default: all eight, about 2.5 minutes together), so a local run can trade coverage for time.
 """
 
 import csv
@@ -21,7 +21,7 @@ from lora_jax.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs/ablations/[!_]*.py")))
-ALL = "planted_rank,subspace,scaling,rank_targets,amplification,loraplus_init,forgetting"
+ALL = "planted_rank,subspace,scaling,rank_targets,amplification,loraplus_init,forgetting,variants"
 END_TO_END = os.environ.get("LORA_JAX_ABLATE_TESTS", ALL).split(",")
 PNG = b"\x89PNG\r\n\x1a\n"
 

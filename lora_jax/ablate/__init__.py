@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lora_jax.ablate import kinds_curves, kinds_forgetting, kinds_rank, kinds_weights
+from lora_jax.ablate import kinds_curves, kinds_forgetting, kinds_rank, kinds_variants, kinds_weights
 from lora_jax.ablate.common import Metric
 from lora_jax.ablate.report import run_rows, runs_table, write_csv, write_markdown
 from lora_jax.ablate.sweep import RunRecord, apply_overrides, run_name, run_sweep
@@ -27,6 +27,7 @@ ANALYSES = {
     "subspace": kinds_weights.subspace,
     "amplification": kinds_weights.amplification,
     "forgetting": kinds_forgetting.forgetting,
+    "variants": kinds_variants.variants,
 }
 
 __all__ = ["ANALYSES", "RunRecord", "apply_overrides", "report", "run_ablation", "run_name", "run_sweep"]
