@@ -21,7 +21,7 @@ import lora_jax  # noqa: E402
 from lora_jax import peft as lpeft  # noqa: E402
 from lora_jax.errors import LoraError  # noqa: E402
 from lora_jax.generate import generate  # noqa: E402
-from lora_jax.models import load  # noqa: E402
+from lora_jax.models import load, save_pretrained  # noqa: E402
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts_per_tok=2,
@@ -107,7 +107,7 @@ def test_expert_adapters_are_stacked_per_expert(expert_lora):
     assert ad["down_proj"].a.shape == (4, 16, 2) and ad["down_proj"].b.shape == (4, 2, 32)
 
 
-def test_factored_equals_merged_and_gradients_reach_only_a_and_b(expert_lora):
+def test_factored_equals_merged_and_gradients_reach_only_a_and_b(expert_lora, tmp_path):
     model, adapters = expert_lora
     ids = jnp.asarray(IDS)
     forward = lambda a, p: lora_jax.apply(model.fn, p, a, ids)
@@ -115,9 +115,10 @@ def test_factored_equals_merged_and_gradients_reach_only_a_and_b(expert_lora):
     @jax.jit  # one compile for all four
     def run(a, p):
         grads = jax.grad(lambda a: jnp.sum(forward(a, p) ** 2))(a)
-        return forward(a, p), model.fn(lora_jax.merge(p, a), ids), model.fn(p, ids), grads
+        merged = lora_jax.merge(p, a)
+        return forward(a, p), model.fn(merged, ids), model.fn(p, ids), grads, merged
 
-    factored, merged, base, grads = run(adapters, model.params)
+    factored, merged, base, grads, merged_params = run(adapters, model.params)
     np.testing.assert_allclose(np.asarray(factored), np.asarray(merged), atol=1e-5, rtol=0)
     assert float(jnp.abs(factored - base).max()) > 1e-2
     jaxpr = str(jax.make_jaxpr(forward)(adapters, model.params))
@@ -126,6 +127,10 @@ def test_factored_equals_merged_and_gradients_reach_only_a_and_b(expert_lora):
     assert len(leaves) == 8 and all(float(jnp.abs(ad.a).max()) > 0 and float(jnp.abs(ad.b).max()) > 0
                                     for _, ad in leaves)  # every expert stack's A and B, nothing else
     assert len(jax.tree.leaves(grads)) == 2 * len(leaves)
+    # the merged model exports as transformers 5 holds experts, and transformers reads it
+    save_pretrained(model, merged_params, tmp_path / "merged")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(_logits(theirs, IDS), np.asarray(merged), atol=1e-4, rtol=0)
 
 
 def test_mixed_adapter_batch_on_experts_refused_in_one_line(expert_lora):

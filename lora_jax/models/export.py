@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from lora_jax.models.hf_names import flax_to_hf, is_stacked
 from lora_jax.models.loading import LoadedModel
+from lora_jax.models.moe_checkpoint import expert_tensors, is_expert_path
 from lora_jax.paths import flat_paths
 
 _ENCODER_ARCH = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
@@ -33,6 +34,9 @@ def hf_state_dict(params: Any) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, leaf in flat_paths(params):
         array = np.asarray(jax.device_get(leaf))
+        if is_expert_path(path):  # MoE experts: 3-D, named as transformers 5 holds them
+            out.update(expert_tensors(path, array))
+            continue
         if is_stacked(path):
             pieces = [(flax_to_hf(path, i), array[i]) for i in range(array.shape[0])]
         else:

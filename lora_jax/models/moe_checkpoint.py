@@ -97,6 +97,17 @@ def read_expert(tensors: Any, model_type: str, path: str, shape: tuple[int, ...]
     return jax.make_array_from_callback(shape, sharding, callback)
 
 
+def expert_tensors(path: str, array: np.ndarray) -> dict[str, np.ndarray]:
+    """An expert weight as transformers 5 names and lays it out in memory ([E, out, in] under
+    `...mlp.experts.<param>`), which its from_pretrained reads as it is, for any MoE family."""
+    layers = [(i, array[i]) for i in range(array.shape[0])] if is_stacked(path) else [(None, array)]
+    out = {}
+    for layer, piece in layers:
+        module, param = expert_module(path, layer)
+        out[f"{module}.{param}"] = np.ascontiguousarray(np.swapaxes(piece, -1, -2))
+    return out
+
+
 def router_key(tensors: Any, model_type: str, path: str, layer: int | None) -> str | None:
     """Mixtral's legacy checkpoints keep the router under block_sparse_moe: its key there."""
     key, _ = flax_to_hf(path, layer)
