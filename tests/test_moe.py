@@ -185,3 +185,20 @@ def test_plan_of_a_moe_lora_step_runs():
     experts = 4 * (64 * 4 + 4 * 64) + 4 * (32 * 4 + 4 * 64)
     attention = sum(4 * (i + o) for i, o in [(64, 64), (64, 32), (64, 32), (64, 64)])
     assert lora["trainable_params"] == 2 * (experts + attention)
+
+
+def test_layouts_the_block_does_not_follow_are_refused_in_one_line(checkpoints, tmp_path):
+    from lora_jax.models.moe import MoeConfig
+
+    hf = {**COMMON, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 16}
+    with pytest.raises(LoraError, match="dense layers among the MoE ones"):
+        MoeConfig.from_hf({**hf, "mlp_only_layers": [1]})
+    with pytest.raises(LoraError, match="num_experts_per_tok 5 must be in 1..num_experts"):
+        MoeConfig.from_hf({**hf, "num_experts_per_tok": 5})
+    path, _ = checkpoints["mixtral"]
+    (tmp_path / "config.json").write_text((path / "config.json").read_text().replace(
+        '"num_local_experts": 4', '"num_local_experts": 3'))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(LoraError, match=r"experts.down_proj' .* has shape \(4, 48, 32\) in "
+                                        r"\[experts, in, out\]; config.json implies \(3, 48, 32\)"):
+        load(tmp_path)

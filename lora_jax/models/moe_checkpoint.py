@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import LoraError
 from lora_jax.models.hf_names import flax_to_hf, is_stacked
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -54,8 +55,6 @@ def _layer_arrays(tensors: Any, model_type: str, module: str, param: str) -> np.
         experts.append(np.concatenate([tensors.read_raw(k).T for k in keys], axis=-1))
         e += 1
     if not experts:
-        from lora_jax.errors import LoraError
-
         raise LoraError(f"checkpoint {tensors.directory} has neither '{fused}' nor per-expert "
                         f"tensors '{base}.0.{names[parts[0]]}.weight'")
     return np.stack(experts)
@@ -64,8 +63,6 @@ def _layer_arrays(tensors: Any, model_type: str, module: str, param: str) -> np.
 def read_expert(tensors: Any, model_type: str, path: str, shape: tuple[int, ...], dtype: Any,
                 sharding: Any) -> jax.Array:
     """The params leaf of an expert weight ([L, E, in, out] for a scanned stack), placed."""
-    from lora_jax.errors import LoraError
-
     stacked = is_stacked(path)
     layers = range(shape[0]) if stacked else [None]
     cache: dict[Any, np.ndarray] = {}
