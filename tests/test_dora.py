@@ -52,11 +52,11 @@ def case(request):
                     y=lora_jax.apply(c.fn, params, ad, *c.args), merged=c.fn(merged, *c.args),
                     back=lora_jax.unmerge(merged, ad, norms))
 
-    return request.param, c, ad, jax.device_get(run(c.params, ad0, ad))
+    return request.param, c, ad0, ad, jax.device_get(run(c.params, ad0, ad))
 
 
 def test_identity_at_init_factored_equals_merged_and_unmerge_restores(case):
-    name, c, ad, out = case
+    name, c, _, ad, out = case
     np.testing.assert_allclose(out["init"], out["base"], atol=ATOL, rtol=0)
     assert np.abs(out["y"] - out["base"]).max() > 0.1  # the random adapter does something
     np.testing.assert_allclose(out["merged"], out["y"], atol=ATOL, rtol=0)
@@ -65,9 +65,9 @@ def test_identity_at_init_factored_equals_merged_and_unmerge_restores(case):
         lora_jax.unmerge(c.params, ad)
 
 
-def test_magnitude_starts_at_w_norm_over_inputs_multi_axis():
-    c = zoo.linen_block()
-    ad0, _ = _dora(c)
+@pytest.mark.parametrize("case", ["linen_block"], indirect=True)  # DenseGeneral's multi-axis kernels
+def test_magnitude_starts_at_w_norm_over_inputs_multi_axis(case):
+    _, c, ad0, _, _ = case
     flat = dict(lora_jax.adapters.adapter_items(ad0))
     weights = dict(lora_jax.paths.flat_paths(c.params))
     for path in ("params/Attention_0/query/kernel", "params/Attention_0/out/kernel"):
@@ -110,21 +110,22 @@ def test_gradients_reach_m_a_b_with_the_norm_detached():
 
 def test_dropout_takes_peft_form():
     """y = x·W + (g − 1)·x_d·W + g·s·(x_d·A)·B: the base keeps x, the correction uses dropped x."""
-    w = jax.random.normal(jax.random.key(0), (6, 6))
-    x = jax.random.normal(jax.random.key(1), (5, 6))
+    rng_np = np.random.default_rng(0)
+    w, x = (rng_np.standard_normal(shape).astype(np.float32) for shape in ((6, 6), (5, 6)))
     fn = lambda p, x: x @ p["w"]
     spec = lora_jax.LoraSpec(targets="w", rank=2, dropout=0.5, dora=True)
     ad = _random(lora_jax.init(jax.random.key(2), fn, {"w": w}, x, spec=spec), 3)["w"]
     rng = jax.random.key(4)
     run = lambda a: apply(fn, {"w": w}, {"w": a}, x, rng=rng, deterministic=False)
     # B = 0 and m = 2‖W‖ (g = 2): y = x·W + x_d·W, which gives x_d back
-    probe = dataclasses.replace(ad, b=jnp.zeros_like(ad.b), m=2 * jnp.linalg.norm(w, axis=0))
-    x_d = jnp.linalg.solve(w.T, (run(probe) - x @ w).T).T
-    kept = jnp.abs(x_d) > 1e-3
-    np.testing.assert_allclose(jnp.where(kept, x_d, 0), jnp.where(kept, 2 * x, 0), atol=1e-4)
+    probe = dataclasses.replace(ad, b=np.zeros_like(ad.b), m=2 * np.linalg.norm(w, axis=0))
+    x_d = np.linalg.solve(w.T, (np.asarray(run(probe)) - x @ w).T).T
+    kept = np.abs(x_d) > 1e-3
+    np.testing.assert_allclose(np.where(kept, x_d, 0), np.where(kept, 2 * x, 0), atol=1e-4)
     assert 0 < int(kept.sum()) < x.size  # some dropped, some kept
-    g = dora.factor(w, ad)[None]
-    expected = x @ w + (g - 1) * (x_d @ w) + g * (ad.scale * (x_d @ ad.a) @ ad.b)
+    a, b, m = (np.asarray(v) for v in (ad.a, ad.b, ad.m))
+    g = m / np.linalg.norm(w + ad.scale * a @ b, axis=0)
+    expected = x @ w + (g - 1) * (x_d @ w) + g * (ad.scale * (x_d @ a) @ b)
     np.testing.assert_allclose(run(ad), expected, atol=1e-4, rtol=0)
 
 
@@ -133,10 +134,10 @@ def test_quantised_base_scanned_matches_its_dequantised_weights():
     w = jax.random.normal(jax.random.key(0), (3, 8, 8)) / 3
     x = jax.random.normal(jax.random.key(1), (4, 8))
     fn = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
-    q = quantize_params({"w": w}, "w", "nf4", stack_axes=1)
+    q = jax.jit(lambda w: quantize_params({"w": w}, "w", "nf4", stack_axes=1))(w)
     ad0 = lora_jax.init(jax.random.key(2), fn, q, x, spec=lora_jax.LoraSpec(targets="w", rank=2, dora=True))
     ad = _random(ad0, 5)
-    dense = dequantize_params(q)
+    dense = jax.jit(dequantize_params)(q)
     run = jax.jit(lambda q, dense, ad0, ad: (lora_jax.apply(fn, q, ad, x), lora_jax.apply(fn, dense, ad, x),
                                              lora_jax.apply(fn, q, ad0, x), fn(dense, x)))
     y_q, y_dense, init_q, base = jax.device_get(run(q, dense, ad0, ad))
@@ -145,10 +146,9 @@ def test_quantised_base_scanned_matches_its_dequantised_weights():
     assert np.abs(y_q - base).max() > 0.1
 
 
+@pytest.mark.parametrize("case", ["linen_block"], indirect=True)
 def test_combinations_without_a_dora_form_are_refused(case):
-    name, c, ad, _ = case
-    if name != "linen_block":
-        pytest.skip("one model suffices")
+    _, c, _, ad, _ = case
     with pytest.raises(lora_jax.LoraError, match="mixed-adapter batch serves plain LoRA adapters only"):
         lora_jax.stack_adapters([ad, ad])
     with pytest.raises(lora_jax.LoraError, match="combine: adapter tree 0 is DoRA"):
@@ -221,50 +221,54 @@ def _ours_out(ours, ad):
     return np.asarray(apply(ours.fn, ours.params, ad, jnp.asarray(IDS), jnp.asarray(MASK)))
 
 
-def test_peft_dora_adapter_loads_here_and_matches(base, tmp_path):
+@pytest.fixture(scope="module")
+def theirs(base, tmp_path_factory):
+    """A PEFT DoRA adapter with trained-looking A, B and magnitude: (directory, PEFT's output)."""
     ours, arch, directory, targets = base
     pm = peft.get_peft_model(arch.from_pretrained(directory),
                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # trained-looking A, B and magnitude
+    with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen))
             elif "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    pm.eval().save_pretrained(tmp_path / "theirs", save_embedding_layers=False)  # factors only
-    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["use_dora"]
-    theirs = _torch_out(pm)
-    ad = lpeft.load_adapter(tmp_path / "theirs", ours)
+    out = tmp_path_factory.mktemp("theirs")
+    pm.eval().save_pretrained(out, save_embedding_layers=False)  # factors only
+    return out, _torch_out(pm)
+
+
+def test_peft_dora_adapter_loads_here_and_matches(base, theirs):
+    ours, arch, directory, _ = base
+    path, expected = theirs
+    assert json.loads((path / "adapter_config.json").read_text())["use_dora"]
+    ad = lpeft.load_adapter(path, ours)
     assert all(a.is_dora for _, a in lora_jax.adapters.adapter_items(ad))
-    np.testing.assert_allclose(_ours_out(ours, ad), theirs, atol=PEFT_ATOL, rtol=0)
+    np.testing.assert_allclose(_ours_out(ours, ad), expected, atol=PEFT_ATOL, rtol=0)
     if ours.family == "llama":  # the same file into the scanned layout: m stacked per layer
         scanned = M.load(directory, scan_layers=True)
-        ad = lpeft.load_adapter(tmp_path / "theirs", scanned)
-        np.testing.assert_allclose(_ours_out(scanned, ad), theirs, atol=PEFT_ATOL, rtol=0)
-    assert np.abs(theirs - _torch_out(arch.from_pretrained(directory).eval())).max() > 1e-2
+        np.testing.assert_allclose(_ours_out(scanned, lpeft.load_adapter(path, scanned)), expected,
+                                   atol=PEFT_ATOL, rtol=0)
+    assert np.abs(expected - _torch_out(arch.from_pretrained(directory).eval())).max() > 1e-2
 
 
-def test_our_dora_adapter_loads_in_peft_and_matches(base, tmp_path):
+def test_our_dora_adapter_loads_in_peft_and_matches(base, theirs, tmp_path):
     ours, arch, directory, _ = base
-    targets = M.DEFAULT_TARGETS[ours.family]
-    spec = lora_jax.LoraSpec(targets=targets, rank=4, alpha=8.0, dora=True)
-    ad0 = lora_jax.init(jax.random.key(0), ours.fn, ours.params, IDS, MASK, spec=spec)
-    ad = jax.tree.map(lambda x, y: y if x.ndim > 1 else x * (1 + 0.3 * y), ad0, _random(ad0, 2, 0.1))
+    loaded = lpeft.load_adapter(theirs[0], ours)  # our own values below; same layout, same compile
+    ad = jax.tree.map(lambda x, y: y if x.ndim > 1 else x * (1 + 0.3 * y), loaded, _random(loaded, 2, 0.1))
     with pytest.warns(UserWarning, match="vLLM does not serve DoRA adapters"):
         lpeft.save_adapter(tmp_path / "ours", ad, ours)
     pm = peft.PeftModel.from_pretrained(arch.from_pretrained(directory), tmp_path / "ours").eval()
     expected = _ours_out(ours, ad)
-    assert np.abs(expected - np.asarray(ours.fn(ours.params, IDS, MASK))).max() > 1e-2
+    assert np.abs(expected - theirs[1]).max() > 1e-2  # not PEFT's own adapter
     np.testing.assert_allclose(_torch_out(pm), expected, atol=PEFT_ATOL, rtol=0)
 
 
-def test_bad_dora_files_get_one_clear_line(base, tmp_path):
+@pytest.mark.parametrize("base", ["minilm"], indirect=True)
+def test_bad_dora_files_get_one_clear_line(base, theirs, tmp_path):
     ours, *_ = base
-    if ours.family != "bert":
-        pytest.skip("one model suffices")
-    spec = lora_jax.LoraSpec(targets=M.DEFAULT_TARGETS["bert"], rank=4, dora=True)
-    ad = lora_jax.init(jax.random.key(0), ours.fn, ours.params, IDS, MASK, spec=spec)
+    ad = lpeft.load_adapter(theirs[0], ours)
     with pytest.warns(UserWarning):
         lpeft.save_adapter(tmp_path / "ad", ad, ours)
     cfg_path = tmp_path / "ad" / "adapter_config.json"
@@ -276,3 +280,22 @@ def test_bad_dora_files_get_one_clear_line(base, tmp_path):
     flat[first] = dataclasses.replace(flat[first], m=None)
     with pytest.raises(lora_jax.LoraError, match="is plain LoRA beside DoRA adapters"):
         lpeft.save_adapter(tmp_path / "mixed", lora_jax.paths.nest(flat), ours)
+
+
+def test_main_job_trains_checkpoints_and_saves_the_magnitude(tmp_path):
+    from configs import planted
+    from lora_jax.adapter_io import load_adapter
+    from lora_jax.trainer import train_and_evaluate
+
+    c = planted.get_config("smoke")
+    c.planted_rank.width, c.steps, c.ckpt_every, c.log_every = 64, 4, 4, 2
+    c.optimizer.warmup_steps = 1
+    c.lora.dora = True
+    res = train_and_evaluate(c, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm_m"] > 0 for r in rows if "loss" in r)
+    saved, _ = load_adapter(str(tmp_path / "adapter"))
+    trained_items = lora_jax.adapters.adapter_items(res["trainable"]["adapters"])
+    for (_, ad), (_, trained) in zip(lora_jax.adapters.adapter_items(saved), trained_items, strict=True):
+        np.testing.assert_array_equal(np.asarray(ad.m), np.asarray(trained.m))
+        assert ad.m.shape == (64,)
