@@ -38,16 +38,20 @@ def _labels(stack, inputs, outputs) -> tuple[str, str, str, str]:
 
 
 def _norm(w, a, b, scale: float, stack, inputs, outputs) -> jax.Array:
+    """‖W + s·A·B‖ from ‖W‖², the cross term and the rank-space Gram, in fp32 at full precision
+    (no TF32/bf16 passes: the norm scales every output)."""
     f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
     w, a, b = f32(w), f32(a), f32(b)
     w_lab, a_lab, b_lab, m_lab = _labels(stack, inputs, outputs)
-    sq = jnp.einsum(f"{w_lab},{w_lab}->{m_lab}", w, w)
-    wa = jnp.einsum(f"{w_lab},{a_lab}->{b_lab}", w, a)  # Wᵀ·A: [*stack, r, *outputs]
-    cross = jnp.einsum(f"{b_lab},{b_lab}->{m_lab}", wa, b)
-    gram = jnp.einsum(f"{a_lab},{a_lab.replace(R, Q)}->{m_lab[:len(stack)]}{R}{Q}", a, a)
-    gb = jnp.einsum(f"{m_lab[:len(stack)]}{R}{Q},{b_lab.replace(R, Q)}->{b_lab}", gram, b)
-    last = jnp.einsum(f"{b_lab},{b_lab}->{m_lab}", gb, b)
-    return jnp.sqrt(jnp.maximum(sq + 2.0 * scale * cross + scale**2 * last, 0.0))
+    s_lab = m_lab[: len(stack)]
+    ein = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    sq_SxO = ein(f"{w_lab},{w_lab}->{m_lab}", w, w)
+    wa_SxRxO = ein(f"{w_lab},{a_lab}->{b_lab}", w, a)  # Wᵀ·A
+    cross_SxO = ein(f"{b_lab},{b_lab}->{m_lab}", wa_SxRxO, b)
+    gram_SxRxQ = ein(f"{a_lab},{a_lab.replace(R, Q)}->{s_lab}{R}{Q}", a, a)  # AᵀA
+    gb_SxRxO = ein(f"{s_lab}{R}{Q},{b_lab.replace(R, Q)}->{b_lab}", gram_SxRxQ, b)
+    last_SxO = ein(f"{b_lab},{b_lab}->{m_lab}", gb_SxRxO, b)  # ‖A·B‖² per output
+    return jnp.sqrt(jnp.maximum(sq_SxO + 2.0 * scale * cross_SxO + scale**2 * last_SxO, 0.0))
 
 
 def column_norm(w: Any, ad: Any) -> jax.Array:
