@@ -158,9 +158,9 @@ def _dot_general(eqn, invals, ctx):
     if t.g is not None:  # DoRA: g along W's stack and output axes
         g_lab = [w_lab[o] for o in (*t.stack_left, *lay.outputs)]
         if direct:
-            g_pos = _positions(t, g_lab, out_lab)
+            g_pos = dora.positions(t.path, g_lab, out_lab)
         else:  # W used transposed: x meets W's outputs, scaled there as the merged W' does it
-            x = x * dora.along(t.g, _positions(t, g_lab, x_lab), x.ndim).astype(x.dtype)
+            x = x * dora.along(t.g, dora.positions(t.path, g_lab, x_lab), x.ndim).astype(x.dtype)
             invals = [t, x] if w_side == 0 else [x, t]
     base = eqn.primitive.bind(*_with_w(invals), **eqn.params)
 
@@ -181,16 +181,6 @@ def _dot_general(eqn, invals, ctx):
             *_with_w([t, x_in] if w_side == 0 else [x_in, t]), **eqn.params)
         return dora.rescale(t.g, g_pos, base, delta, dropped)
     return base + delta.astype(base.dtype)
-
-
-def _positions(t: Tracked, labels, target) -> list[int]:
-    """Where each of DoRA's factor axes (by label) sits in an operand or result."""
-    missing = [lab for lab in labels if lab not in target]
-    if missing:
-        raise LoraError(f"DoRA adapter for '{t.path}': this use of W does not keep all of W's stack "
-                        "and output axes, so the magnitude cannot be applied; use plain LoRA here")
-    return [list(target).index(lab) for lab in labels]
-
 
 def _check_rows(t: Tracked, x, example_axis_used: bool, ctx: Context) -> None:
     if example_axis_used or x.ndim == 0 or x.shape[0] != ctx.rows.shape[0]:

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import LoraError
 from lora_jax.quant.frozen import frozen, is_frozen, scan_slices
 from lora_jax.quant.weight import is_quantized
 
@@ -103,6 +104,14 @@ def along(g: jax.Array, positions: Sequence[int], ndim: int) -> jax.Array:
     for k in order:
         shape[positions[k]] = g.shape[k]
     return jnp.transpose(g, order).reshape(shape)
+
+
+def positions(path: str, labels: Sequence[str], target: Sequence[str]) -> list[int]:
+    """Where each of g's axes (by einsum label) sits among an operand's or a result's labels."""
+    if any(lab not in target for lab in labels):
+        raise LoraError(f"DoRA adapter for '{path}': this use of W does not keep all of W's stack "
+                        "and output axes, so the magnitude cannot be applied; use plain LoRA here")
+    return [list(target).index(lab) for lab in labels]
 
 
 def rescale(g: jax.Array, positions: Sequence[int], base: jax.Array, delta: jax.Array,
