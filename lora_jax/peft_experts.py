@@ -81,8 +81,10 @@ def save_tensors(experts: dict[str, Adapter], rslora: bool) -> tuple[dict, dict,
 def place_targets(config: dict, family_is_moe: bool) -> None:
     """Move expert weights (and routers) from target_modules to target_parameters; their rank and
     alpha must be the adapter's common ones (PEFT's patterns name modules, not parameters)."""
+    if not family_is_moe:  # a dense model's down_proj / gate are ordinary modules
+        return
     params = {n for n in config["target_modules"] if n in EXPERT_PARAMS}
-    if family_is_moe and "gate" in config["target_modules"]:
+    if "gate" in config["target_modules"]:
         params.add("gate")
     if not params:
         return

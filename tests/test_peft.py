@@ -51,9 +51,15 @@ def base(request, tmp_path_factory):
     return request.param, directory
 
 
-def _trained_adapters(ours, scaling="standard"):
+ALL_LINEAR = {
+    "llama": r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+    "bert": r".*/(query|key|value|attention/output/dense|intermediate/dense|\d+/output/dense)/kernel",
+}
+
+
+def _trained_adapters(ours, scaling="standard", targets=None):
     """A few real optimizer steps, so A and B are both non-trivial."""
-    targets = lora_jax.models.DEFAULT_TARGETS[ours.family]
+    targets = targets or lora_jax.models.DEFAULT_TARGETS[ours.family]
     spec = lora_jax.LoraSpec(targets=targets, rank=4, alpha=8.0, scaling=scaling)
     ad = lora_jax.init(jax.random.key(0), ours.fn, ours.params, IDS, MASK, spec=spec)
     tx = optax.adam(0.05)
@@ -66,11 +72,12 @@ def _trained_adapters(ours, scaling="standard"):
     return ad
 
 
-@pytest.mark.parametrize("scaling", ["standard", "rslora"])
-def test_our_adapter_loads_in_peft_and_matches(base, tmp_path, scaling):
+@pytest.mark.parametrize("scaling, targets", [("standard", "default"), ("rslora", "default"),
+                                               ("standard", "all linear")])
+def test_our_adapter_loads_in_peft_and_matches(base, tmp_path, scaling, targets):
     name, directory = base
     ours = M.load(directory)
-    ad = _trained_adapters(ours, scaling)
+    ad = _trained_adapters(ours, scaling, ALL_LINEAR[name] if targets == "all linear" else None)
     with pytest.warns(UserWarning, match="vLLM cannot serve ranks \\[4\\]"):
         lpeft.save_adapter(tmp_path / "ad", ad, ours, rslora=scaling == "rslora")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
