@@ -29,11 +29,12 @@ def run_side(side: str, size: dict, model_dir: str) -> dict:
     return alternate({side: run}, size["steps"], warmup=2)[side]
 
 
-def in_subprocess(side: str, size: dict, model_dir: str, timeout: float = 900) -> dict:
+def in_subprocess(side: str, size: dict, model_dir: str, timeout: float = 900,
+                  env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.solo", "--side", side, "--size", json.dumps(size),
            "--model", model_dir]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -61,7 +61,7 @@ def _logits(hf, ids):
 def test_logits_match_transformers(checkpoints, name):
     path, hf = checkpoints[name]
     want = _logits(hf, IDS)
-    for scan in (False, True) if name == "qwen3_moe" else (False,):  # scan: one family is enough
+    for scan in (False, True):
         model = load(path, scan_layers=scan)
         got = np.asarray(jax.jit(model.fn)(model.params, jnp.asarray(IDS)))
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
