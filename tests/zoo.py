@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -146,3 +147,10 @@ def randomize(adapters: Any, seed: int = 0, scale: float = 0.3) -> Any:
     return jax.tree_util.tree_unflatten(
         treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
     )
+
+
+def assert_match_on_real_tokens(ours: Any, theirs: np.ndarray, mask: np.ndarray, atol: float) -> None:
+    """Outputs agree at the unpadded positions, and those are not trivially small."""
+    real = mask.astype(bool)
+    assert np.abs(theirs[real]).max() > 0.5
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=atol, rtol=0)

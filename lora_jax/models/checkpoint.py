@@ -96,19 +96,8 @@ class SafetensorsDir:
                 return np.asarray(view[tuple(reversed(index))]).T
             return np.asarray(view[index]) if index else np.asarray(view[:])
 
-        def callback(index: tuple[slice, ...]) -> np.ndarray:
-            if stacked:
-                picked = range(len(keys))[index[0]]
-                out = np.stack([one(keys[i], tuple(index[1:])) for i in picked])
-            else:
-                out = one(keys[0], tuple(index))
-            if dtype is not None and jnp.issubdtype(out.dtype, jnp.floating):
-                out = out.astype(dtype)
-            return np.ascontiguousarray(out)
-
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.make_array_from_callback(shape, sharding, callback)
+        return array_from_blocks(shape, dtype, sharding, len(keys) if stacked else None,
+                                 lambda i, index: one(keys[i or 0], index))
 
     def check_all_used(self, ignorable: Callable[[str], bool]) -> None:
         """Refuse tensors the model would silently drop (a config that disagrees with weights)."""
@@ -119,3 +108,23 @@ class SafetensorsDir:
                 f"checkpoint {self.directory} has tensors config.json gives no place to: "
                 f"{', '.join(repr(k) for k in unused[:3])}{more}"
             )
+
+
+def array_from_blocks(shape: tuple[int, ...], dtype: Any, sharding: Any, layers: int | None,
+                      block: Callable[[int | None, tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """An array placed shard by shard, each shard read as it is needed: `block(layer, index)` is
+    one layer's part at `index` (layer None when the array is not a stack of `layers` layers).
+    `dtype` (or None: keep the stored one) applies to floating tensors only."""
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        if layers is not None:
+            out = np.stack([block(i, tuple(index[1:])) for i in range(layers)[index[0]]])
+        else:
+            out = block(None, tuple(index))
+        if dtype is not None and jnp.issubdtype(out.dtype, jnp.floating):
+            out = out.astype(dtype)
+        return np.ascontiguousarray(out)
+
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.make_array_from_callback(shape, sharding, callback)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import LoraError
+from lora_jax.models.checkpoint import array_from_blocks
 from lora_jax.models.hf_names import flax_to_hf, is_stacked
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -80,18 +81,8 @@ def read_expert(tensors: Any, model_type: str, path: str, shape: tuple[int, ...]
     for i in layers:  # read (and check) every layer now, so a bad checkpoint fails here
         layer(i)
 
-    def callback(index):
-        if stacked:
-            out = np.stack([layer(i)[tuple(index[1:])] for i in range(shape[0])[index[0]]])
-        else:
-            out = layer(None)[tuple(index)]
-        if dtype is not None and jnp.issubdtype(out.dtype, jnp.floating):
-            out = out.astype(dtype)
-        return np.ascontiguousarray(out)
-
-    if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.make_array_from_callback(shape, sharding, callback)
+    return array_from_blocks(shape, dtype, sharding, shape[0] if stacked else None,
+                             lambda i, index: layer(i)[index])
 
 
 def expert_tensors(path: str, array: np.ndarray) -> dict[str, np.ndarray]:
