@@ -177,4 +177,10 @@ def markdown(res: dict) -> str:
     for t in res["targets"]:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         L.append(f"| {t['target']} | {_f(t['value'])} | {t['limit']} | {met} |")
+    if any(t["met"] is False and "PEFT" in t["target"] for t in res["targets"]):
+        L += ["", "Not met against PEFT: where the step's time goes, op by op beside PyTorch's, is "
+              "`python -m benchmarks.breakdown` (benchmarks/results/breakdown.md); the XLA:CPU "
+              "settings tried, each in its own process, `python -m benchmarks.xla_flags` "
+              "(benchmarks/results/xla_flags.md); what was changed and measured is in WORKSPACE.md, "
+              "\"The CPU step at equal math\"."]
     return "\n".join(L) + "\n"
