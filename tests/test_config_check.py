@@ -52,6 +52,7 @@ BAD = [
     ("model.remat", "dots", "code_search"),
     ("model.quant", "int4", "code_search"),
     ("model.attention", "flash", "code_search"),
+    ("model.dropout", "yes", "code_search"),
     ("lora.targets", "(", "code_search"), ("lora.targets", "", "code_search"),
     ("lora.rank", 0, "code_search"), ("lora.rank", 2.0, "code_search"),
     ("lora.alpha", 0.0, "code_search"), ("lora.alpha", math.nan, "code_search"),
@@ -106,6 +107,7 @@ BAD = [
     ("causal_lm.hidden_size", 0, "scratch"),
     ("causal_lm.intermediate_size", 0, "scratch"),
     ("causal_lm.layers", 0, "scratch"),
+    ("causal_lm.family", "mistral", "scratch"),
     ("causal_lm.heads", 0, "scratch"), ("causal_lm.heads", 5, "scratch"),
     ("causal_lm.heads", 64, "scratch"),  # 192 / 64 = 3: odd, rotary embeddings need halves
     ("causal_lm.base_dir", "{tmp}/file.txt", "scratch"),
