@@ -3,9 +3,8 @@
     python -m benchmarks.xla_flags --out benchmarks/results            # batch 32, query 64 / code 128
     python -m benchmarks.xla_flags --out /tmp/x --small                # tiny shapes, structure only
 
-"jaxlib default" is XLA_FLAGS as the user left it (LORA_JAX_XLA_DEFAULTS=0); "project default" is
-what `import lora_jax` sets (lora_jax/xla_defaults.py); the rest are single flags on top of the
-jaxlib default. Settings alternate over `--rounds`, so machine drift hits each alike.
+"jaxlib default" is XLA_FLAGS as the user left it; the rest are single flags on top of it.
+Settings alternate over `--rounds`, so machine drift hits each alike.
 """
 
 from __future__ import annotations
@@ -19,23 +18,19 @@ from benchmarks.common import MINILM, machine, versions, write_results
 
 SETTINGS = {
     "jaxlib default": None,
-    "project default": "",
     "no YNNPACK fusions": "--xla_cpu_experimental_ynn_fusion_type=",
     "XNNPACK dot fusions": "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
     "no XNNPACK": "--xla_cpu_use_xnnpack=false",
 }
 
 
-PROJECT_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type",)  # lora_jax/xla_defaults.py's names
+MEASURED = tuple(f.split("=")[0] for f in SETTINGS.values() if f)
 
 
 def _env(flags: str | None) -> dict:
-    """The child's environment: the inherited XLA_FLAGS without the project's own flags, plus
-    `flags`; the project's defaults switched off unless `flags` is "" (the project default)."""
+    """The child's environment: the inherited XLA_FLAGS without any flag measured here, plus `flags`."""
     env = dict(os.environ)
-    if flags is None or flags:
-        env["LORA_JAX_XLA_DEFAULTS"] = "0"
-    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(PROJECT_FLAGS)]
+    inherited = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(MEASURED)]
     env["XLA_FLAGS"] = " ".join([*inherited, *([flags] if flags else [])])
     return env
 
@@ -62,7 +57,7 @@ def report(res: dict) -> str:
     for name, r in res["settings"].items():
         s = r["median_s"]
         ratio = f"{s / base:.3f}" if s and base else ""
-        flags = "(none)" if r["flags"] is None else r["flags"] or "what lora_jax sets"
+        flags = "(none)" if r["flags"] is None else r["flags"]
         lines.append(f"| {name} | `{flags}` | "
                      f"{s:.3f} | {ratio} |" if s else f"| {name} | | error | |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,6 @@ the adapter library, generation) load on first use, so `import lora_jax` then
 
 import importlib as _importlib
 
-from lora_jax import xla_defaults as xla_defaults  # first: XLA:CPU defaults before any backend starts
 from lora_jax.adapters import Adapter as Adapter
 from lora_jax.adapters import adapter_shardings as adapter_shardings
 from lora_jax.adapters import count_params as count_params
