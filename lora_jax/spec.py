@@ -90,6 +90,9 @@ class LoraSpec:
             raise LoraError(f"dropout={self.dropout}; expected 0 <= dropout < 1")
         if not isinstance(self.dora, bool):
             raise LoraError(f"dora={self.dora!r}; expected True or False")
+        if self.dora and changes_base(self.init):
+            raise LoraError(f"init={self.init!r} with dora=True is not supported: DoRA's magnitude would "
+                            "be taken from W, not from the residual W − s·A₀·B₀ the adapters start on")
 
     def matches(self, path: str) -> bool:
         return any(re.fullmatch(t, path) for t in self.targets)

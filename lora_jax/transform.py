@@ -184,10 +184,7 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
             raise LoraError(pl.refusal)
     out = {}
     from_w = changes_base(spec.init)
-    if from_w and getattr(spec, "dora", False):
-        raise LoraError(f"init={spec.init!r} with dora=True is not supported: DoRA's magnitude would "
-                        "be taken from W, not from the residual W − s·A₀·B₀ the adapters start on")
-    weights = dict(flat_paths(params, is_leaf=is_quantized)) if from_w else {}
+    weights = dict(flat_paths(params, is_leaf=is_quantized)) if from_w or spec.dora else {}
     for i, pl in enumerate(planned):
         k = jax.random.fold_in(key, i)
         if from_w:  # PiSSA/OLoRA: A, B from W itself (pair with lora_jax.residual_base)
@@ -205,8 +202,7 @@ def init(key: jax.Array, fn: Callable, params: PyTree, *example_args: Any, spec:
         out[pl.path] = Adapter(a, b, spec.scale_for(pl.path), lay.stack, lay.inputs, lay.outputs,
                                spec.dropout)
     if spec.dora:  # m₀ = ‖W‖: the adapted weight at init is W (PEFT sets m after the LoRA init)
-        w_at = dict(flat_paths(params, is_leaf=is_quantized))
-        out = dora.with_magnitudes({p: w_at[p] for p in out}, out, spec.dtype)
+        out = dora.with_magnitudes({p: weights[p] for p in out}, out, spec.dtype)
     return nest(out)
 
 

@@ -221,6 +221,8 @@ def test_library_refusals_are_one_line():
     c = zoo.plain_mlp()
     with pytest.raises(lora_jax.LoraError, match=r"^init='pissa_niter_'; expected one of"):
         lora_jax.LoraSpec(targets=c.targets, init="pissa_niter_")
+    with pytest.raises(lora_jax.LoraError, match=r"^init='olora' with dora=True is not supported"):
+        lora_jax.LoraSpec(targets=c.targets, init="olora", dora=True)
     q = quantize_params(c.params, r"w1", "int8")
     spec = lora_jax.LoraSpec(targets=r"w1", rank=2, init="pissa")
     with pytest.raises(lora_jax.LoraError, match=r"needs the dense weight of 'w1', which is quantised"):
