@@ -154,7 +154,9 @@ def build(model: Model, config: Any, rank: int = 16, alpha: float = 32.0,
         return (tr, fr, opt, i + 1), {"loss": loss, "lr": schedule(i)}
 
     state = (trainable, frozen, jax.jit(tx.init)(trainable), jnp.int32(0))
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    # The project's per-family XLA options, as our step gets: this compares the transform, not flags.
+    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options or None
+                       ).lower(state, batch).compile()
     info = {"method": "lora (hand-written)", **compiled_costs(compiled),
             "dot_dtype": None if dot_dtype is None else jnp.dtype(dot_dtype).name,
             "trainable_bytes": tree_bytes(trainable), "optimizer_bytes": tree_bytes(state[2])}

@@ -54,6 +54,7 @@ class Model:
     layers: int
     attn_dim: int
     hf_config: dict
+    compiler_options: dict = dataclasses.field(default_factory=dict)  # the project's, per family
 
 
 def code_search_loss(run: Callable, batch: dict) -> tuple[jax.Array, dict]:
@@ -92,7 +93,7 @@ def minilm(batch: int = 32, query_len: int = 64, code_len: int = 128, path: str 
     return Model("minilm", m.fn, m.params, code_search_loss, data,
                  lambda b: (b["query_ids"], b["query_mask"]),
                  [(batch, query_len), (batch, code_len)], c.num_hidden_layers, c.hidden_size,
-                 m.hf_config)
+                 m.hf_config, m.compiler_options)
 
 
 def llama_config(width: int, layers: int = 4, vocab: int = 8192) -> dict:
@@ -113,7 +114,8 @@ def llama(width: int, batch: int = 4, seq: int = 128, layers: int = 4, vocab: in
     data = {"ids": rng.integers(0, vocab, (batch, seq)).astype(np.int32),
             "mask": np.ones((batch, seq), np.int32)}
     return Model(f"llama-d{width}", m.fn, m.params, lm_loss, data, lambda b: (b["ids"], b["mask"]),
-                 [(batch, seq)], layers, m.config.num_attention_heads * m.config.head_dim, hf)
+                 [(batch, seq)], layers, m.config.num_attention_heads * m.config.head_dim, hf,
+                 m.compiler_options)
 
 
 def analytic_flops(model: Model, adapters: PyTree | None) -> dict:
@@ -150,7 +152,8 @@ def build(model: Model, method: str, spec: lora_jax.LoraSpec | None = None, name
     state = TrainState(step=jnp.int32(0), trainable=trainable, frozen=frozen, opt_state=opt_state,
                        rng=jax.random.key(2))
     step = make_train_step(model_apply(method, model.fn), model.loss, tx, schedule, 1, use_rng=False)
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options or None
+                       ).lower(state, batch).compile()
     info = {"method": method, **compiled_costs(compiled),
             "trainable_bytes": tree_bytes(trainable), "base_bytes": tree_bytes(model.params),
             "optimizer_bytes": tree_bytes(opt_state),

@@ -130,9 +130,10 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
     step_fn = make_train_step(apply_fn, task.loss, tx, schedule, config.grad_accum,
                               use_rng=config.model.dropout
                               or (config.method == "lora" and config.lora.dropout > 0))
+    options = task.compiler_options or None  # per-family XLA options (models/compile_options.py)
     train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, repl), donate_argnums=0)
-    forward = _make_forward(apply_fn, mesh)
+                         out_shardings=(state_sh, repl), donate_argnums=0, compiler_options=options)
+    forward = _make_forward(apply_fn, mesh, options)
     # ---- Workdir: only now, with everything validated, is anything written.
     _check_workdir(workdir, config)
     if not config.resume and os.path.exists(workdir) and jax.process_index() == 0:
@@ -252,9 +253,9 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
             "trainable": final, "workdir": workdir}
 
 
-def _make_forward(apply_fn, mesh):
+def _make_forward(apply_fn, mesh, compiler_options=None):
     """forward(trainable, frozen, *numpy inputs) -> numpy outputs, batch-sharded, jitted once per shape."""
-    jitted = jax.jit(lambda tr, fr, *inputs: apply_fn(tr, fr, *inputs))
+    jitted = jax.jit(lambda tr, fr, *inputs: apply_fn(tr, fr, *inputs), compiler_options=compiler_options)
     batch_sh = shd.batch_sharding(mesh)
     shards = batch_sh.mesh.shape["data"] * batch_sh.mesh.shape["fsdp"]
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from lora_jax.errors import LoraError
 from lora_jax.models.bert import BertConfig, BertModel
 from lora_jax.models.checkpoint import SafetensorsDir
+from lora_jax.models.compile_options import compiler_options
 from lora_jax.models.decoder_config import LLAMA_MODEL_TYPES
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.moe import MOE_ARCHITECTURES, MOE_MODEL_TYPES, MoeConfig
@@ -48,6 +49,12 @@ class LoadedModel:
     source: str
     module: nn.Module
     hf_config: dict[str, Any]
+
+    @property
+    def compiler_options(self) -> dict[str, str]:
+        """XLA options for jitting this model's programs on the default backend
+        (lora_jax/models/compile_options.py): `jax.jit(f, compiler_options=model.compiler_options)`."""
+        return compiler_options(self.family)
 
     def dropout_fn(self) -> Callable[..., jax.Array]:
         """fn(params, key, input_ids, attention_mask=None) with the checkpoint's dropout on, as

@@ -172,4 +172,5 @@ def build(config: Any, placer: Callable, workdir: str) -> Task:
         batches=lambda position: corpora.iterate_windows(
             train_stream, c.seq_len, config.batch_size, config.seed, position),
         evaluate=evaluate, train_examples=n_windows, tokenizer=tok, hf_model=model,
+        compiler_options=model.compiler_options,
     )

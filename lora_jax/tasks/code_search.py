@@ -284,4 +284,5 @@ def build(config: Any, placer: Any, workdir: str) -> Any:
         evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
         save_cache=lambda directory: save_cache(directory, data), hf_model=model,
         dropout_fn=model.dropout_fn() if config.model.dropout else None,
+        compiler_options=model.compiler_options,
     )

@@ -134,4 +134,5 @@ def build(config: Any, placer: Any, workdir: str) -> Task:
     return Task(fn=classifier_fn(model), params=params,
                 source=f"{model.source} + {HEAD}({','.join(labels)})",
                 inputs=lambda b: (b["input_ids"], b["attention_mask"]), loss=loss, batches=batches,
-                evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer)
+                evaluate=evaluate, train_examples=len(train), tokenizer=model.tokenizer,
+                compiler_options=model.compiler_options)

@@ -106,4 +106,5 @@ def build(config: Any, placer: Any, workdir: str) -> Task:
     return Task(fn=next_token_logp_fn(model), params=model.params, source=model.source,
                 inputs=lambda b: tuple(b[k] for k in BATCH_KEYS[:3]), loss=completion_loss,
                 batches=batches, evaluate=evaluate, train_examples=len(train),
-                tokenizer=model.tokenizer, hf_model=model)
+                tokenizer=model.tokenizer, hf_model=model,
+                compiler_options=model.compiler_options)

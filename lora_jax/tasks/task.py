@@ -42,6 +42,8 @@ class Task:
       None for models of the task's own making or with task-added heads (planted_rank,
       jsonl_classification). Its `source` is "" for a base made from scratch (no HF directory).
     dropout_fn: `fn` with the model's own dropout, for model.dropout; None where the task has none.
+    compiler_options: XLA options the trainer compiles the step and forward with
+      (lora_jax/models/compile_options.py); empty for jaxlib's defaults.
     """
 
     fn: Callable
@@ -56,3 +58,4 @@ class Task:
     save_cache: Callable[[str], None] | None = None  # keeps built data in the workdir
     hf_model: Any = None
     dropout_fn: Callable | None = None  # fn(params, key, *inputs) with the model's own dropout on
+    compiler_options: dict[str, str] = dataclasses.field(default_factory=dict)
