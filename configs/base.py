@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 1.0  # [float > 0] used when steps == 0
     c.log_every = 10  # [int >= 1] steps between metric rows
     c.eval_every = 0  # [int >= 0] steps between held-out evaluations; 0 = only at start and end
+    c.eval_at_start = True  # [bool] evaluate the starting model at step 0 of a fresh run
     c.ckpt_every = 50  # [int >= 1] steps between checkpoints (one is always written at the end)
     c.keep_checkpoints = 2  # [int >= 1] how many checkpoints to keep
 

@@ -32,7 +32,8 @@ from lora_jax.trainable import partition
 from lora_jax.variants.job import base_for, exported, initial_factors, kept
 
 # Fields a resumed run may change: how long it goes on and how often it reports.
-RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "ckpt_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("resume", "steps", "epochs", "log_every", "eval_every", "eval_at_start", "ckpt_every",
+                     "keep_checkpoints")
 # Around each step call; tests put `jax.transfer_guard_host_to_device("disallow")` here to show
 # that the step is fed device arrays only (a host array would be a blocking implicit copy).
 STEP_GUARD = contextlib.nullcontext
@@ -183,7 +184,7 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
         return row
 
     # ---- The loop. On SIGTERM/SIGINT: finish the step, checkpoint it, stop.
-    last_eval = evaluate(0) if start == 0 else {}
+    last_eval = evaluate(0) if start == 0 and config.eval_at_start else {}
     # The host never waits between log steps: batches are placed one step early, metrics stay on
     # device until a log step reads them, nothing else is read back (tests/test_host_loop.py).
     batches = shd.device_batches(task.batches(position), batch_sh)

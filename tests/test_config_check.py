@@ -76,6 +76,7 @@ BAD = [
     ("epochs", 0.0, "code_search"),
     ("log_every", 0, "code_search"),
     ("eval_every", -1, "code_search"),
+    ("eval_at_start", 1, "code_search"),
     ("ckpt_every", 0, "code_search"),
     ("keep_checkpoints", 0, "code_search"),
     ("mesh.data", 0, "code_search"), ("mesh.data", -2, "code_search"),

@@ -54,6 +54,11 @@ def test_run_compiles_once_learns_and_writes_its_outputs(tmp_path):
     assert info["trainable_params"] == 3 * 2 * 128 * 4 and info["method"] == "lora"
 
 
+def test_eval_at_start_off_evaluates_only_the_end(tmp_path):
+    train_and_evaluate(tiny(eval_at_start=False), str(tmp_path))
+    assert [r["step"] for r in _rows(tmp_path) if "eval/mse" in r] == [12]
+
+
 def test_checkpoints_hold_no_base_weights(tmp_path):
     res = train_and_evaluate(tiny(**{"planted_rank.width": 256}), str(tmp_path))
     trainable = sum(x.nbytes for x in jax.tree.leaves(res["trainable"]))

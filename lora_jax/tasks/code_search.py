@@ -8,6 +8,7 @@ resumable from one integer). Everything here is host-side numpy; nothing touches
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -119,6 +120,14 @@ def _write_cache(path: str, data: CodeSearchData) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=4)
+def _built(source_dir: str, seed: int, holdout_fraction: float) -> CodeSearchData:
+    """Parsing the stdlib takes ~10 s: a sweep of many runs in one process does it once."""
+    train, heldout = split_by_module(extract_pairs(source_dir), seed, holdout_fraction)
+    return CodeSearchData(train, heldout, {**_expected_meta(seed, holdout_fraction, source_dir),
+                                           "counts": _counts(train, heldout)})
+
+
 def load_code_search(
     cache_dir: str | None = None,
     seed: int = DEFAULT_SEED,
@@ -136,8 +145,7 @@ def load_code_search(
     path = os.path.join(cache_dir, CACHE_FILENAME) if cache_dir else None
     if path is not None and (cached := _read_cache(path, expected)) is not None:
         return cached
-    train, heldout = split_by_module(extract_pairs(source_dir), seed, holdout_fraction)
-    data = CodeSearchData(train, heldout, {**expected, "counts": _counts(train, heldout)})
+    data = _built(source_dir, seed, holdout_fraction)
     if path is not None:
         _write_cache(path, data)
     return data
