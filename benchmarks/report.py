@@ -99,7 +99,10 @@ def markdown(res: dict) -> str:
           f"- load average at start {m['load_avg']}, at end {res.get('load_avg_end')}",
           f"- {m['platform']}; JAX backend {m['jax_backend']}",
           "- " + ", ".join(f"{k} {x}" for k, x in v.items()),
-          f"- wall time of the suite: {_f(res.get('elapsed_s'))} s", ""]
+          f"- wall time of the suite: {_f(res.get('elapsed_s'))} s",
+          f"- XLA options the project compiles MiniLM's steps with (ours and the hand-written one; "
+          f"lora_jax/models/compile_options.py): "
+          f"{res['minilm']['config'].get('compiler_options') or 'none'}", ""]
     L += [SECTIONS[1], "", "Medians over alternating steps after warm-up; memory = argument + temp bytes "
           "of the compiled step.", "",
           "| model | method | step s | XLA GFLOP | analytic GFLOP | compiled | optimizer state | trainable |",

@@ -79,7 +79,8 @@ def minilm_group(size: dict, model_dir: str | None) -> dict:
     _log(f"timing {len(runners)} MiniLM steps alternating, {size['steps']} rounds")
     times = alternate(runners, size["steps"], warmup=2)
     out: dict[str, Any] = {"config": {"batch": b, "query_len": q, "code_len": c, "rank": 16,
-                                      "alpha": 32.0, "targets": "query,value", "path": path},
+                                      "alpha": 32.0, "targets": "query,value", "path": path,
+                                      "compiler_options": model.compiler_options},
                            "lora_vs_full": _pair(lora, full, times),
                            "handwritten": {**hand.info, **times[hand.name]}}
     out["vs_handwritten"] = ratio(times[lora.name]["median_s"], times[hand.name]["median_s"])
