@@ -124,3 +124,23 @@ def test_xla_flag_settings_start_each_process_as_labelled(monkeypatch):
     assert xla_flags._env(None)["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
     one = xla_flags._env("--xla_cpu_use_xnnpack=false")
     assert one["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_cpu_use_xnnpack=false"
+
+
+def test_breakdown_times_asynchronous_thunks_to_their_end_marker():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.breakdown import thunk_spans
+
+    def ev(name, start, end):
+        return NS(name=name, start_ns=start, end_ns=end)
+
+    # a synchronous fusion (its marker inside its event) and an async dot launched in 1 us that
+    # completes 50 us later, on another thread's line; twice each
+    main = [ev("fusion.1", 0, 10_000), ev("end: fusion.1", 9_000, 9_000),
+            ev("dot.2", 10_000, 11_000), ev("fusion.1", 100_000, 110_000),
+            ev("end: fusion.1", 109_000, 109_000), ev("dot.2", 110_000, 111_000)]
+    worker = [ev("end: dot.2", 60_000, 60_000), ev("end: dot.2", 160_000, 160_000),
+              ev("unrelated", 0, 5_000)]
+    data = NS(planes=[NS(lines=[NS(events=main), NS(events=worker)])])
+    spans = thunk_spans(data, {"fusion.1": "x", "dot.2": "y"})
+    assert spans == pytest.approx({"fusion.1": 20e-6, "dot.2": 100e-6})
