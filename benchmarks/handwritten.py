@@ -155,7 +155,7 @@ def build(model: Model, config: Any, rank: int = 16, alpha: float = 32.0,
 
     state = (trainable, frozen, jax.jit(tx.init)(trainable), jnp.int32(0))
     # The project's per-family XLA options, as our step gets: this compares the transform, not flags.
-    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options or None
+    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options
                        ).lower(state, batch).compile()
     info = {"method": "lora (hand-written)", **compiled_costs(compiled),
             "dot_dtype": None if dot_dtype is None else jnp.dtype(dot_dtype).name,

@@ -152,7 +152,7 @@ def build(model: Model, method: str, spec: lora_jax.LoraSpec | None = None, name
     state = TrainState(step=jnp.int32(0), trainable=trainable, frozen=frozen, opt_state=opt_state,
                        rng=jax.random.key(2))
     step = make_train_step(model_apply(method, model.fn), model.loss, tx, schedule, 1, use_rng=False)
-    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options or None
+    compiled = jax.jit(step, donate_argnums=0, compiler_options=model.compiler_options
                        ).lower(state, batch).compile()
     info = {"method": method, **compiled_costs(compiled),
             "trainable_bytes": tree_bytes(trainable), "base_bytes": tree_bytes(model.params),

@@ -131,7 +131,7 @@ def _run(config: Any, workdir: str, stop: StopSignals) -> dict:
     step_fn = make_train_step(apply_fn, task.loss, tx, schedule, config.grad_accum,
                               use_rng=config.model.dropout
                               or (config.method == "lora" and config.lora.dropout > 0))
-    options = task.compiler_options or None  # per-family XLA options (models/compile_options.py)
+    options = task.compiler_options  # per-family XLA options (models/compile_options.py)
     train_step = jax.jit(traced_step, in_shardings=(state_sh, batch_sh),
                          out_shardings=(state_sh, repl), donate_argnums=0, compiler_options=options)
     forward = _make_forward(apply_fn, mesh, options)

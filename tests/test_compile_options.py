@@ -37,7 +37,7 @@ def _compiled_text(model, options) -> str:
     def loss(a):
         return jnp.sum(lora_jax.apply(model.fn, model.params, a, ids) ** 2)
 
-    return jax.jit(jax.grad(loss), compiler_options=options or None).lower(adapters).compile().as_text()
+    return jax.jit(jax.grad(loss), compiler_options=options).lower(adapters).compile().as_text()
 
 
 def test_bert_step_compiles_without_ynnpack_fusions():
